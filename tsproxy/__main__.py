@@ -1,0 +1,3 @@
+from tsproxy.cli import main
+
+raise SystemExit(main())

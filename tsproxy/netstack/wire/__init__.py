@@ -1,0 +1,1 @@
+"""netstack/wire."""
