@@ -4,4 +4,4 @@ Nothing is imported eagerly here: every submodule import runs this file, and the
 sans-IO cores must stay free of the daemon's dependencies.
 """
 
-__version__ = "0.1.0"
+from tsproxy.version import __version__  # noqa: F401

@@ -1,8 +1,295 @@
-"""Command line entry point (filled in by the daemon work)."""
+"""The `tsproxy` command line.  It talks to the running daemon only through daemon.ipc.
 
+Exit codes: 0 ok, 1 error the user can fix (one line on stderr), 2 usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import socket
+import subprocess
 import sys
+import time
+
+from tsproxy.version import __version__
+from tsproxy.daemon import ipc, options, statedir
+from tsproxy.errors import TsproxyError
+
+PROG = "tsproxy"
 
 
-def main(argv=None) -> int:
-    print("tsproxy: not yet usable", file=sys.stderr)
+def _err(msg: str) -> int:
+    print(f"{PROG}: {msg}", file=sys.stderr)
     return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Userspace WireGuard proxy: reach the hosts "
+                                "behind a WireGuard peer through SOCKS5/HTTP proxies and port forwards, "
+                                "without root.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the daemon (detached unless --foreground)",
+                        description="Start tsproxy. Settings come from flags, then TSPROXY_* "
+                        "environment variables, then the TOML config file.")
+    up.add_argument("--wg-config", metavar="FILE", help="plain WireGuard mode: a wg-quick .conf file")
+    up.add_argument("--listen", metavar="ADDR",
+                    help="SOCKS5 + HTTP proxy on one port (default 127.0.0.1:1055; 'off' to disable)")
+    up.add_argument("--socks5", metavar="ADDR", action="append", default=[], help="extra SOCKS5-only listener")
+    up.add_argument("--http-proxy", metavar="ADDR", action="append", default=[], help="extra HTTP-proxy-only listener")
+    up.add_argument("--proxy-user", metavar="USER", help="require this proxy user name (SOCKS5 and HTTP)")
+    up.add_argument("--proxy-password-file", metavar="PATH", help="file holding the proxy password")
+    up.add_argument("--allow-public-without-auth", action="store_true", default=False,
+                    help="allow a proxy listener on a non-loopback address without --proxy-user")
+    up.add_argument("--forward", metavar="[udp:]LPORT:HOST:PORT", action="append", default=[],
+                    help="forward 127.0.0.1:LPORT to HOST:PORT through the tunnel (repeatable)")
+    up.add_argument("--reverse", metavar="TPORT:LOCALHOST:LPORT", action="append", default=[],
+                    help="accept tunnel connections to our address on TPORT and connect them to "
+                    "LOCALHOST:LPORT (repeatable)")
+    up.add_argument("--non-tailnet", choices=options.NON_TAILNET_POLICIES,
+                    help="destinations outside the tunnel: direct (default), exit-node, refuse")
+    up.add_argument("--state-dir", metavar="DIR", help="state directory (default $XDG_STATE_HOME/tsproxy)")
+    up.add_argument("--config", metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/tsproxy/config.toml)")
+    up.add_argument("--foreground", action="store_true", default=False, help="run in this terminal")
+    up.add_argument("--log-level", choices=options.LOG_LEVELS, help="default info")
+
+    for name, text in (("down", "stop the daemon"), ("status", "show the daemon's state, peers and listeners")):
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("--state-dir", metavar="DIR")
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="one JSON document for scripts")
+
+    nc = sub.add_parser("nc", help="connect stdin/stdout to HOST:PORT through the daemon (ssh ProxyCommand)")
+    nc.add_argument("host")
+    nc.add_argument("port", type=int)
+    nc.add_argument("--state-dir", metavar="DIR")
+
+    fw = sub.add_parser("forward", help="add, list or remove port forwards on the running daemon")
+    fw.add_argument("spec", nargs="?", metavar="[udp:]LPORT:HOST:PORT")
+    fw.add_argument("--list", action="store_true")
+    fw.add_argument("--remove", metavar="[udp:]LPORT")
+    fw.add_argument("--state-dir", metavar="DIR")
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            return cmd_up(args, argv)
+        if args.cmd == "down":
+            return cmd_down(args)
+        if args.cmd == "status":
+            return cmd_status(args)
+        if args.cmd == "nc":
+            return cmd_nc(args)
+        if args.cmd == "forward":
+            return cmd_forward(args, parser)
+        if args.cmd == "version":
+            print(f"{PROG} {__version__}")
+            return 0
+        parser.print_help()
+        return 2
+    except TsproxyError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _state_dir(args) -> str:
+    return os.path.abspath(getattr(args, "state_dir", None) or os.environ.get("TSPROXY_STATE_DIR")
+                           or statedir.default_state_dir())
+
+
+def cmd_up(args, argv) -> int:
+    from tsproxy.daemon import runtime
+
+    flags = {k: v for k, v in vars(args).items() if k != "cmd"}
+    opts = options.merge(flags)
+    plan = runtime.prepare(opts)          # every user error surfaces here, before we detach
+    if opts.foreground:
+        return runtime.run_foreground(plan)
+    return _spawn_and_wait(plan, argv)
+
+
+def _spawn_and_wait(plan, argv) -> int:
+    state = plan.state_dir
+    if statedir.DaemonLock(state).is_held_elsewhere():
+        return _err(f"{state}: a tsproxy daemon is already running with this state dir"
+                    " (stop it with 'tsproxy down')")
+    logf = statedir.log_path(state)
+    with open(logf, "ab", buffering=0) as out:
+        os.chmod(logf, 0o600)
+        start = out.tell()
+        child = subprocess.Popen([sys.executable, "-m", "tsproxy", *argv, "--foreground"],
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                 start_new_session=True, close_fds=True)
+    sock = statedir.socket_path(state)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            return _err(_last_error(logf, start) or f"the daemon exited with status {child.returncode}"
+                        f" (see {logf})")
+        try:
+            st = ipc.call(sock, {"op": "status"}, timeout=2)
+        except (ipc.DaemonNotRunning, OSError, ValueError):
+            time.sleep(0.1)
+            continue
+        if st.get("state") == "Running":
+            print(summary_line(st))
+            return 0
+        time.sleep(0.1)
+    return _err(f"the daemon did not come up within 30 s (see {logf})")
+
+
+def _last_error(logf: str, start: int) -> str | None:
+    try:
+        with open(logf, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith(f"{PROG}: "):
+            return line[len(PROG) + 2:]
+    return None
+
+
+def summary_line(st: dict) -> str:
+    parts = [f"tsproxy is up: {', '.join(st.get('addresses', []))}"]
+    lst = [entry["address"] for entry in st.get("listeners", [])]
+    if lst:
+        parts.append("proxy on " + ", ".join(lst))
+    fws = [f"{f['listen']}->{f['target']}" for f in st.get("forwards", [])]
+    if fws:
+        parts.append("forwards " + ", ".join(fws))
+    n = len(st.get("peers", []))
+    parts.append(f"{n} peer{'s' if n != 1 else ''}")
+    return "; ".join(parts)
+
+
+def cmd_down(args) -> int:
+    resp = ipc.call(statedir.socket_path(_state_dir(args)), {"op": "down"})
+    if not resp.get("ok"):
+        return _err(resp.get("error", "the daemon refused to stop"))
+    print("tsproxy stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    st = ipc.call(statedir.socket_path(_state_dir(args)), {"op": "status"})
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    print(format_status(st))
+    return 0
+
+
+def _ago(seconds) -> str:
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s ago"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m ago"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def format_status(st: dict) -> str:
+    lines = [f"state:     {st.get('state')} ({st.get('mode')})",
+             f"addresses: {', '.join(st.get('addresses', []))}"]
+    for entry in st.get("listeners", []):
+        lines.append(f"listen:    {entry['address']} ({entry['kind']})")
+    for f in st.get("forwards", []):
+        lines.append(f"forward:   {f['listen']} -> {f['target']}")
+    for r in st.get("reverse", []):
+        lines.append(f"reverse:   tunnel port {r['tunnel_port']} -> {r['target']}")
+    lines.append("")
+    lines.append(f"{'peer':<14} {'endpoint':<24} {'handshake':<12} {'rx':>10} {'tx':>10}")
+    for p in st.get("peers", []):
+        lines.append(f"{p['name']:<14} {str(p.get('endpoint') or '-'):<24} "
+                     f"{_ago(p.get('handshake_age')):<12} {_bytes(p.get('rx_bytes', 0)):>10} "
+                     f"{_bytes(p.get('tx_bytes', 0)):>10}")
+    return "\n".join(lines)
+
+
+def cmd_forward(args, parser) -> int:
+    sock = statedir.socket_path(_state_dir(args))
+    if args.list:
+        resp = ipc.call(sock, {"op": "forward.list"})
+        for f in resp.get("forwards", []):
+            print(f"{f['listen']} -> {f['target']}")
+        return 0
+    if args.remove:
+        resp = ipc.call(sock, {"op": "forward.remove", "port": args.remove})
+    elif args.spec:
+        resp = ipc.call(sock, {"op": "forward.add", "spec": args.spec})
+    else:
+        parser.error("forward needs a SPEC, --list or --remove")
+    if not resp.get("ok"):
+        return _err(resp.get("error", "failed"))
+    if "forward" in resp:
+        print(f"{resp['forward']['listen']} -> {resp['forward']['target']}")
+    return 0
+
+
+def cmd_nc(args) -> int:
+    resp, s = ipc.request(statedir.socket_path(_state_dir(args)),
+                          {"op": "dial", "host": args.host, "port": args.port}, timeout=30)
+    if not resp.get("ok"):
+        s.close()
+        return _err(resp.get("error", "dial failed"))
+    s.settimeout(None)
+    return _pipe(s, sys.stdin.buffer.fileno(), sys.stdout.buffer.fileno())
+
+
+def _pipe(s: socket.socket, fd_in: int, fd_out: int) -> int:
+    """Copy fd_in -> s and s -> fd_out until the remote side closes; stdin EOF half-closes."""
+    sel = selectors.DefaultSelector()
+    sel.register(s, selectors.EVENT_READ, "sock")
+    try:
+        sel.register(fd_in, selectors.EVENT_READ, "stdin")
+    except (PermissionError, ValueError):
+        # regular files cannot be polled: send them whole first
+        while data := os.read(fd_in, 65536):
+            s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.data == "stdin":
+                    data = os.read(fd_in, 65536)
+                    if data:
+                        s.sendall(data)
+                    else:
+                        sel.unregister(fd_in)
+                        s.shutdown(socket.SHUT_WR)
+                else:
+                    data = s.recv(65536)
+                    if not data:
+                        return 0
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd_out, view)
+                        view = view[n:]
+    except (BrokenPipeError, ConnectionResetError):
+        return 1
+    finally:
+        s.close()

@@ -1,0 +1,117 @@
+"""Daemon control socket: newline-delimited JSON over a Unix socket in the state dir.
+
+Each connection carries one request line `{"op": ..., ...}` and gets one response line
+`{"ok": true, ...}` or `{"ok": false, "error": "one line for the user"}`.  The `dial` op
+turns the connection into a raw byte pipe after its response (used by `tsproxy nc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from typing import Awaitable, Callable
+
+from tsproxy.errors import TsproxyError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+Handler = Callable[[dict, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[dict | None]]
+
+
+class IpcServer:
+    """Serves `handler(request, reader, writer) -> response dict`; None means the handler
+    took over the connection (it already replied and owns the streams)."""
+
+    def __init__(self, path: str, handler: Handler):
+        self.path = path
+        self.handler = handler
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        try:
+            os.unlink(self.path)          # stale socket from a daemon that died; the lock says we own it
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        took_over = False
+        try:
+            try:
+                async with asyncio.timeout(10):
+                    line = await reader.readline()
+                request = json.loads(line)
+                if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                    raise ValueError("request must be a JSON object with an 'op'")
+            except (ValueError, asyncio.LimitOverrunError, TimeoutError) as e:
+                await _reply(writer, {"ok": False, "error": f"bad request: {e}"})
+                return
+            try:
+                response = await self.handler(request, reader, writer)
+            except TsproxyError as e:
+                response = {"ok": False, "error": str(e)}
+            if response is None:
+                took_over = True
+                return
+            await _reply(writer, response)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if not took_over:
+                writer.close()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+async def _reply(writer: asyncio.StreamWriter, response: dict) -> None:
+    writer.write(json.dumps(response).encode() + b"\n")
+    await writer.drain()
+
+
+class DaemonNotRunning(TsproxyError):
+    pass
+
+
+def request(path: str, req: dict, timeout: float = 10.0) -> tuple[dict, socket.socket]:
+    """Blocking client for the CLI: send one request, return (response, connected socket)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
+        raise DaemonNotRunning("tsproxy is not running (start it with 'tsproxy up')") from None
+    s.sendall(json.dumps(req).encode() + b"\n")
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(1) if req.get("op") == "dial" else s.recv(65536)   # dial: never read past the line
+        if not chunk:
+            s.close()
+            raise DaemonNotRunning("tsproxy closed the control connection unexpectedly")
+        buf += chunk
+        if len(buf) > 16 * 1024 * 1024:
+            s.close()
+            raise TsproxyError("oversized response from the daemon")
+    return json.loads(buf), s
+
+
+def call(path: str, req: dict, timeout: float = 10.0) -> dict:
+    resp, s = request(path, req, timeout)
+    s.close()
+    return resp

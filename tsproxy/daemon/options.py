@@ -1,0 +1,169 @@
+"""Settings for `tsproxy up`: flags > environment > config file > defaults (UX.md).
+
+The config file is TOML (`--config`, else `$XDG_CONFIG_HOME/tsproxy/config.toml` when it
+exists) with one key per flag (`wg-config = "wg0.conf"`, `forward = ["16579:peer-a:22"]`).
+Environment variables are `TSPROXY_<FLAG>` (`TSPROXY_LISTEN`, `TSPROXY_WG_CONFIG`, ...) and
+`TS_AUTHKEY`.  Every bad value is a ConfigError naming where it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from tsproxy.errors import ConfigError
+
+NON_TAILNET_POLICIES = ("direct", "exit-node", "refuse")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class UpOptions:
+    wg_config: str | None = None
+    state_dir: str | None = None
+    listen: str | None = "127.0.0.1:1055"
+    socks5: list[str] = field(default_factory=list)
+    http_proxy: list[str] = field(default_factory=list)
+    proxy_user: str | None = None
+    proxy_password_file: str | None = None
+    allow_public_without_auth: bool = False
+    forward: list[str] = field(default_factory=list)
+    reverse: list[str] = field(default_factory=list)
+    non_tailnet: str = "direct"
+    foreground: bool = False
+    log_level: str = "info"
+    config: str | None = None
+
+    def flag_names(self):
+        return [f.name for f in fields(self)]
+
+
+LIST_KEYS = {"socks5", "http_proxy", "forward", "reverse"}
+BOOL_KEYS = {"allow_public_without_auth", "foreground"}
+FILE_ONLY_EXCLUDED = {"config", "foreground"}
+
+
+def default_config_path() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "tsproxy", "config.toml")
+
+
+def merge(flags: dict, environ: dict[str, str] | None = None) -> UpOptions:
+    """Build UpOptions from parsed flags (None = not given) over env, file and defaults."""
+    environ = os.environ if environ is None else environ
+    opts = UpOptions()
+    config_path = flags.get("config") or environ.get("TSPROXY_CONFIG")
+    explicit = config_path is not None
+    config_path = config_path or default_config_path()
+    if explicit or os.path.exists(config_path):
+        for key, value in _load_toml(config_path, explicit).items():
+            setattr(opts, key, value)
+        opts.config = config_path
+    for f in fields(UpOptions):
+        if f.name in FILE_ONLY_EXCLUDED:
+            continue
+        env_name = "TSPROXY_" + f.name.upper()
+        if env_name in environ:
+            setattr(opts, f.name, _from_env(f.name, environ[env_name], env_name))
+    for key, value in flags.items():
+        if value is None or key not in {f.name for f in fields(UpOptions)}:
+            continue
+        if key in LIST_KEYS and value == []:
+            continue
+        if key in BOOL_KEYS and value is False:
+            continue
+        setattr(opts, key, value)
+    validate(opts)
+    return opts
+
+
+def _load_toml(path: str, explicit: bool) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("config file not found", path=path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file ({e.strerror})", path=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML ({e})", path=path) from None
+    known = {f.name: f for f in fields(UpOptions)}
+    out = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key not in known or key in FILE_ONLY_EXCLUDED:
+            raise ConfigError("unknown setting", path=path, key=raw_key)
+        if key in LIST_KEYS:
+            if isinstance(value, str):
+                value = [value]
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError("expected a string or a list of strings", path=path, key=raw_key)
+        elif key in BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise ConfigError("expected true or false", path=path, key=raw_key)
+        elif not isinstance(value, str):
+            raise ConfigError("expected a string", path=path, key=raw_key)
+        out[key] = value
+    return out
+
+
+def _from_env(key: str, value: str, env_name: str):
+    if key in LIST_KEYS:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if key in BOOL_KEYS:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{env_name}: expected true or false, got {value!r}")
+    return value
+
+
+def validate(opts: UpOptions) -> None:
+    if opts.non_tailnet not in NON_TAILNET_POLICIES:
+        raise ConfigError(f"--non-tailnet must be one of {', '.join(NON_TAILNET_POLICIES)},"
+                          f" not {opts.non_tailnet!r}")
+    if opts.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {opts.log_level!r}")
+    if opts.listen is not None and opts.listen.lower() in ("", "off", "none"):
+        opts.listen = None
+    for addr in ([opts.listen] if opts.listen else []) + opts.socks5 + opts.http_proxy:
+        parse_listen_addr(addr)
+    if (opts.proxy_user is None) != (opts.proxy_password_file is None):
+        raise ConfigError("--proxy-user and --proxy-password-file go together")
+    if opts.wg_config is None:
+        raise ConfigError("nothing to connect to: give --wg-config FILE"
+                          " (a wg-quick .conf for plain WireGuard mode)")
+
+
+def parse_listen_addr(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT` (loopback) -> (host, port)."""
+    t = text.strip()
+    if t.isdigit():
+        host, port = "127.0.0.1", t
+    elif t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"listen address {text!r}: expected [ADDR]:PORT")
+        port = rest[1:]
+    else:
+        host, sep, port = t.rpartition(":")
+        if not sep:
+            raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
+        host = host or "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"listen address {text!r}: host must be an IP address or localhost") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen address {text!r}: port must be 0..65535")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    return ipaddress.ip_address(host).is_loopback
