@@ -1,0 +1,21 @@
+# tsproxy as a container sidecar.
+#   docker build -t tsproxy .
+#   docker run --rm -v $PWD/wg0.conf:/etc/tsproxy/wg0.conf:ro -p 127.0.0.1:1055:1055 \
+#     -e TSPROXY_WG_CONFIG=/etc/tsproxy/wg0.conf -e TSPROXY_LISTEN=0.0.0.0:1055 \
+#     -e TSPROXY_PROXY_USER=me -v $PWD/proxy-pass:/run/secrets/proxy-pass:ro \
+#     -e TSPROXY_PROXY_PASSWORD_FILE=/run/secrets/proxy-pass tsproxy
+# Inside a container the proxy must listen on 0.0.0.0 to be reachable through -p; tsproxy refuses
+# that without proxy credentials unless TSPROXY_ALLOW_PUBLIC_WITHOUT_AUTH=true.
+FROM python:3.11-slim
+
+RUN useradd --system --create-home --home-dir /home/tsproxy --uid 10001 tsproxy
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY tsproxy ./tsproxy
+RUN pip install --no-cache-dir . && rm -rf /src
+
+USER tsproxy
+ENV TSPROXY_STATE_DIR=/home/tsproxy/state
+EXPOSE 1055
+ENTRYPOINT ["tsproxy"]
+CMD ["up", "--foreground"]
