@@ -1,0 +1,135 @@
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tsproxy.daemon import ipc, options, statedir
+from tsproxy.errors import ConfigError
+
+
+def test_precedence_flags_over_env_over_file(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('wg-config = "from-file.conf"\nlisten = "127.0.0.1:2000"\n'
+                   'forward = ["1:a:2"]\nnon-tailnet = "refuse"\n')
+    env = {"TSPROXY_LISTEN": "127.0.0.1:3000", "TSPROXY_FORWARD": "3:b:4, 5:c:6"}
+    o = options.merge({"config": str(cfg)}, env)
+    assert (o.wg_config, o.listen, o.forward, o.non_tailnet) == (
+        "from-file.conf", "127.0.0.1:3000", ["3:b:4", "5:c:6"], "refuse")
+    o = options.merge({"config": str(cfg), "listen": "127.0.0.1:4000", "forward": ["7:d:8"],
+                       "wg_config": "flag.conf"}, env)
+    assert (o.wg_config, o.listen, o.forward) == ("flag.conf", "127.0.0.1:4000", ["7:d:8"])
+
+
+def test_default_config_file_is_optional(tmp_path):
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    o = options.merge({"wg_config": "x.conf"}, env)
+    assert o.listen == "127.0.0.1:1055" and o.config is None
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("bogus = 1\n", "bogus: unknown setting"),
+    ("listen = 5\n", "listen: expected a string"),
+    ("forward = [1]\n", "forward: expected a string or a list of strings"),
+    ("foreground = true\n", "foreground: unknown setting"),
+    ("listen = \n", "invalid TOML"),
+])
+def test_bad_config_file(tmp_path, body, msg):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(body)
+    with pytest.raises(ConfigError) as e:
+        options.merge({"config": str(cfg), "wg_config": "x"}, {})
+    assert str(e.value).startswith(str(cfg)) and msg in str(e.value)
+
+
+def test_explicit_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        options.merge({"config": str(tmp_path / "none.toml")}, {})
+
+
+@pytest.mark.parametrize("flags,msg", [
+    ({}, "nothing to connect to"),
+    ({"wg_config": "x", "non_tailnet": "maybe"}, "--non-tailnet must be one of"),
+    ({"wg_config": "x", "listen": "nohost:1"}, "host must be an IP address"),
+    ({"wg_config": "x", "listen": "127.0.0.1:99999"}, "port must be"),
+    ({"wg_config": "x", "proxy_user": "u"}, "go together"),
+])
+def test_validation(flags, msg, tmp_path):
+    with pytest.raises(ConfigError, match=msg):
+        options.merge(flags, {"XDG_CONFIG_HOME": str(tmp_path)})
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("1055", ("127.0.0.1", 1055)), (":1055", ("127.0.0.1", 1055)),
+    ("0.0.0.0:8", ("0.0.0.0", 8)), ("[::1]:9", ("::1", 9)), ("localhost:7", ("localhost", 7)),
+])
+def test_listen_addr(text, expect):
+    assert options.parse_listen_addr(text) == expect
+
+
+def test_state_dir_is_private(tmp_path):
+    d = tmp_path / "st"
+    d.mkdir(mode=0o755)
+    statedir.ensure_state_dir(str(d))
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    new = statedir.ensure_state_dir(str(tmp_path / "a" / "b"))
+    assert stat.S_IMODE(os.stat(new).st_mode) == 0o700
+
+
+def test_one_daemon_per_state_dir(tmp_path):
+    a = statedir.DaemonLock(str(tmp_path))
+    a.acquire()
+    try:
+        # a second process must be refused while the first holds the lock
+        code = ("import sys; from tsproxy.daemon.statedir import DaemonLock;"
+                f"l = DaemonLock({str(tmp_path)!r});"
+                "print(l.is_held_elsewhere());\n"
+                "try:\n l.acquire(); print('acquired')\nexcept Exception as e: print(e)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+        assert out.splitlines()[0] == "True"
+        assert "already running" in out.splitlines()[1]
+    finally:
+        a.release()
+    assert not statedir.DaemonLock(str(tmp_path)).is_held_elsewhere()
+
+
+async def test_ipc_round_trip_and_bad_requests(tmp_path):
+    path = str(tmp_path / "s.sock")
+    seen = []
+
+    async def handler(req, reader, writer):
+        seen.append(req)
+        if req["op"] == "pipe":
+            writer.write(b'{"ok": true}\n')
+            data = await reader.read(5)
+            writer.write(data.upper())
+            await writer.drain()
+            writer.close()
+            return None
+        return {"ok": True, "echo": req}
+
+    srv = ipc.IpcServer(path, handler)
+    await srv.start()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loop = asyncio.get_running_loop()
+    resp = await loop.run_in_executor(None, ipc.call, path, {"op": "status", "x": 1})
+    assert resp == {"ok": True, "echo": {"op": "status", "x": 1}}
+
+    r, w = await asyncio.open_unix_connection(path)
+    w.write(b"not json\n")
+    line = await r.readline()
+    assert json.loads(line)["ok"] is False and "bad request" in json.loads(line)["error"]
+    w.close()
+
+    r, w = await asyncio.open_unix_connection(path)
+    w.write(b'{"op": "pipe"}\nhello')
+    assert await r.readline() == b'{"ok": true}\n'
+    assert await r.read() == b"HELLO"
+    w.close()
+    await srv.aclose()
+    assert not os.path.exists(path)
+    with pytest.raises(ipc.DaemonNotRunning):
+        ipc.call(path, {"op": "status"})
