@@ -1,1 +1,1 @@
-"""wg."""
+"""WireGuard: sans-IO device (handshakes, keypairs, timers, AllowedIPs) and its UDP adapter."""
