@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tsproxy.wg.constants import (KEEPALIVE_TIMEOUT, MAX_STAGED_PACKETS, REJECT_AFTER_MESSAGES,
                                   REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME,
-                                  REKEY_ON_RECEIVE_AGE)
+                                  REKEY_ON_RECEIVE_AGE, REKEY_TIMEOUT)
 from tsproxy.wg.replay import ReplayFilter
 
 
@@ -134,7 +134,7 @@ class Peer:
     def on_data_sent(self, now: float) -> None:
         # we expect to hear back; if not, a handshake will find out why
         if self.new_handshake_at is None:
-            self.new_handshake_at = now + KEEPALIVE_TIMEOUT + self.rekey_timeout_jitter
+            self.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self.rekey_timeout_jitter
         self.keepalive_at = None
 
     def on_any_sent(self, now: float) -> None:
