@@ -1,0 +1,378 @@
+"""The userspace IP stack: demux, listeners, ICMP, UDP sockets and one timer for everything.
+
+    receive_packet(pkt, now)   IPv4/IPv6 in (already authenticated by WireGuard in the daemon)
+    packets_to_send()          IP packets out
+    next_deadline() / handle_timer(now)
+                               one deadline for the whole stack: a heap of per-connection
+                               deadlines, refreshed only for connections touched since
+    take_touched()             connections with events for the stream layer
+
+Every malformed, unexpected or unroutable packet is dropped and counted, never raised.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import heapq
+import ipaddress
+import os
+
+from tsproxy.errors import NetworkUnreachable
+from tsproxy.netstack import tcp as T
+from tsproxy.netstack.wire import icmp, ip, udp
+from tsproxy.netstack.wire.checksum import checksum
+from tsproxy.netstack.wire import tcp as W
+
+EPHEMERAL_LO, EPHEMERAL_HI = 49152, 65535
+DEFAULT_BACKLOG = 256
+UDP_QUEUE_MAX = 1024
+MAX_CONNECTIONS = 65536
+
+
+class UdpSocket:
+    """A bound UDP port.  Datagrams queue (bounded, oldest dropped) until read."""
+
+    def __init__(self, stack: "Stack", port: int):
+        self.stack = stack
+        self.port = port
+        self.queue: collections.deque = collections.deque()
+        self.closed = False
+        self.error: str | None = None
+        self.notify = None                          # set by the stream layer
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        dst = ipaddress.ip_address(addr[0])
+        src = self.stack.source_for(dst.version)
+        self.stack.out.append(udp.build(src, dst.packed, self.port, addr[1], data))
+
+    def recvfrom(self):
+        return self.queue.popleft() if self.queue else None
+
+    def _deliver(self, item) -> None:
+        if len(self.queue) >= UDP_QUEUE_MAX:
+            self.queue.popleft()
+            self.stack.count("udp_queue_overflow")
+        self.queue.append(item)
+        if self.notify:
+            self.notify(self, "readable")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stack.udp.pop(self.port, None)
+
+
+class Stack:
+    def __init__(self, addresses, *, mtu: int, now: float, rng=os.urandom,
+                 verify_checksums: bool = True, msl: float = T.DEFAULT_MSL,
+                 rcv_buf: int = T.DEFAULT_BUF, snd_buf: int = T.DEFAULT_BUF):
+        self.addresses = [ipaddress.ip_address(a) for a in addresses]
+        self.addr_set = {a.packed for a in self.addresses}
+        self.mtu = mtu
+        self.rng = rng
+        self.verify = verify_checksums
+        self.msl = msl
+        self.rcv_buf = rcv_buf
+        self.snd_buf = snd_buf
+        self._isn_secret = rng(16)
+        self.out: list = []
+        self.conns: dict = {}                       # (raddr, rport, laddr, lport) -> conn
+        self.listeners: dict[int, int] = {}         # port -> backlog
+        self.pending: collections.Counter = collections.Counter()   # port -> half-open count
+        self.udp: dict[int, UdpSocket] = {}
+        self.ports_in_use: collections.Counter = collections.Counter()
+        self.touched: set = set()
+        self._dirty: set = set()
+        self._heap: list = []
+        self._seq = 0
+        self.counters: collections.Counter = collections.Counter()
+        self.udp_errors: list = []
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def packets_to_send(self) -> list:
+        out = self.out[:]          # connections hold a reference to this very list
+        self.out.clear()
+        return out
+
+    def source_for(self, version: int) -> bytes:
+        for a in self.addresses:
+            if a.version == version:
+                return a.packed
+        raise NetworkUnreachable(f"no IPv{version} address on the tunnel")
+
+    # ---------------------------------------------------------------- TCP open
+    def _isn(self, key, now: float) -> int:
+        h = hashlib.blake2s(self._isn_secret + b"".join(
+            k if isinstance(k, bytes) else k.to_bytes(2, "big") for k in key), digest_size=4).digest()
+        return (int(now * 250000) + int.from_bytes(h, "big")) & T.M32
+
+    def _mss(self, version: int) -> int:
+        return self.mtu - (40 if version == 4 else 60)
+
+    def _new_conn(self, key, now: float, **kw) -> T.TcpConnection:
+        raddr, rport, laddr, lport = key
+        pk = W.Packetizer(laddr, raddr, lport, rport)
+        conn = T.TcpConnection(self.out, pk, now=now, iss=self._isn(key, now),
+                               mss=self._mss(4 if len(laddr) == 4 else 6), notify=self._on_event,
+                               counters=self.counters, rcv_cap=self.rcv_buf, snd_cap=self.snd_buf,
+                               msl=self.msl, **kw)
+        conn.key = key
+        conn.passive = False
+        self.conns[key] = conn
+        self.ports_in_use[(laddr, lport)] += 1
+        return conn
+
+    def tcp_connect(self, dst_ip, dst_port: int, now: float, **kw) -> T.TcpConnection:
+        dst = ipaddress.ip_address(dst_ip)
+        if not 0 < dst_port < 65536:
+            raise ValueError("port out of range")
+        laddr = self.source_for(dst.version)
+        if len(self.conns) >= MAX_CONNECTIONS:
+            raise NetworkUnreachable("too many connections")
+        lport = self._ephemeral(laddr, dst.packed, dst_port)
+        conn = self._new_conn((dst.packed, dst_port, laddr, lport), now, **kw)
+        conn.connect(now)
+        self._dirty.add(conn)
+        return conn
+
+    def _ephemeral(self, laddr: bytes, raddr: bytes, rport: int) -> int:
+        span = EPHEMERAL_HI - EPHEMERAL_LO + 1
+        start = int.from_bytes(self.rng(2), "big") % span
+        for i in range(span):
+            port = EPHEMERAL_LO + (start + i) % span
+            if (raddr, rport, laddr, port) not in self.conns and port not in self.udp \
+                    and port not in self.listeners:
+                return port
+        raise NetworkUnreachable("no free local port")
+
+    def tcp_listen(self, port: int, backlog: int = DEFAULT_BACKLOG) -> None:
+        self.listeners[port] = backlog
+
+    def tcp_unlisten(self, port: int) -> None:
+        self.listeners.pop(port, None)
+
+    def udp_bind(self, port: int = 0) -> UdpSocket:
+        if port == 0:
+            span = EPHEMERAL_HI - EPHEMERAL_LO + 1
+            start = int.from_bytes(self.rng(2), "big") % span
+            for i in range(span):
+                cand = EPHEMERAL_LO + (start + i) % span
+                if cand not in self.udp:
+                    port = cand
+                    break
+            else:
+                raise NetworkUnreachable("no free UDP port")
+        elif port in self.udp:
+            raise OSError(f"UDP port {port} already bound on the tunnel")
+        sock = UdpSocket(self, port)
+        self.udp[port] = sock
+        return sock
+
+    # ---------------------------------------------------------------- events and timers
+    def _on_event(self, conn) -> None:
+        self.touched.add(conn)
+
+    def take_touched(self) -> set:
+        t, self.touched = self.touched, set()
+        return t
+
+    def poke(self, conn) -> None:
+        """The stream layer changed a connection (send/recv/close): refresh its timer."""
+        self._dirty.add(conn)
+        if conn.state == T.CLOSED:
+            self._remove(conn)
+
+    def _remove(self, conn) -> None:
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+            self.ports_in_use[(conn.key[2], conn.key[3])] -= 1
+            if getattr(conn, "half_open", False):
+                self.pending[conn.key[3]] -= 1
+                conn.half_open = False
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        for conn in self._dirty:
+            d = conn.next_deadline()
+            if d is not None and d != getattr(conn, "_sched", None):
+                conn._sched = d
+                self._seq += 1
+                heapq.heappush(heap, (d, self._seq, conn))
+            elif d is None:
+                conn._sched = None
+        self._dirty.clear()
+        while heap and heap[0][2]._sched != heap[0][0]:
+            heapq.heappop(heap)                      # stale entry
+        if len(heap) > 4 * len(self.conns) + 64:
+            self._heap = heap = [e for e in heap if e[2]._sched == e[0]]
+            heapq.heapify(heap)
+        return heap[0][0] if heap else None
+
+    def handle_timer(self, now: float) -> None:
+        self.next_deadline()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            d, _, conn = heapq.heappop(heap)
+            if conn._sched != d:
+                continue
+            conn._sched = None
+            conn.handle_timer(now)
+            self._after(conn)
+
+    def _after(self, conn) -> None:
+        self._dirty.add(conn)
+        if conn.state == T.CLOSED:
+            self._remove(conn)
+        elif getattr(conn, "half_open", False) and conn.state != T.SYN_RECEIVED:
+            conn.half_open = False
+            self.pending[conn.key[3]] -= 1
+
+    # ---------------------------------------------------------------- input
+    def receive_packet(self, pkt, now: float) -> None:
+        r = ip.parse(pkt, self.verify)
+        if r.__class__ is str:
+            self.counters[r] += 1
+            return
+        v, src, dst, proto, start, end = r
+        if dst not in self.addr_set:
+            self.counters["ip_not_for_us"] += 1
+            return
+        if proto == 6:
+            self._rx_tcp(pkt, v, src, dst, start, end, now)
+        elif proto == 17:
+            self._rx_udp(pkt, v, src, dst, start, end)
+        elif (proto == 1 and v == 4) or (proto == 58 and v == 6):
+            self._rx_icmp(pkt, v, src, dst, start, end)
+        else:
+            self.counters["ip_unknown_protocol"] += 1
+
+    def _rx_tcp(self, pkt, v, src, dst, start, end, now) -> None:
+        if end - start < 20:
+            self.counters["tcp_bad_header"] += 1
+            return
+        sport, dport, seq, ack, offflags, window, _, _ = W.unpack_header(pkt, start)
+        hl = (offflags >> 12) * 4
+        if hl < 20 or start + hl > end:
+            self.counters["tcp_bad_header"] += 1
+            return
+        if self.verify and not W.segment_checksum_ok(pkt, start, end, src, dst, ip.PROTO_TCP):
+            self.counters["tcp_bad_checksum"] += 1
+            return
+        flags = offflags & 0x1FF
+        options = bytes(pkt[start + 20:start + hl]) if hl > 20 else b""
+        payload = memoryview(pkt)[start + hl:end]
+        key = (src, sport, dst, dport)
+        conn = self.conns.get(key)
+        if conn is not None:
+            conn.receive_segment(seq, ack, flags, window, options, payload, now)
+            self._after(conn)
+            return
+        if flags & W.RST:
+            return
+        if flags & W.SYN and not flags & W.ACK and dport in self.listeners:
+            if self.pending[dport] >= self.listeners[dport] or len(self.conns) >= MAX_CONNECTIONS:
+                self.counters["tcp_backlog_drop"] += 1
+                return
+            conn = self._new_conn((src, sport, dst, dport), now)
+            conn.passive = True
+            conn.half_open = True
+            self.pending[dport] += 1
+            conn.accept_syn(seq, window, options, now)
+            self._dirty.add(conn)
+            return
+        # nobody here: RST (RFC 9293 3.10.7.1)
+        self.counters["tcp_rst_closed_port"] += 1
+        pk = W.Packetizer(dst, src, dport, sport)
+        if flags & W.ACK:
+            self.out.append(pk.build(ack, 0, W.RST, 0))
+        else:
+            seg_len = end - start - hl + (1 if flags & W.SYN else 0) + (1 if flags & W.FIN else 0)
+            self.out.append(pk.build(0, seq + seg_len, W.RST | W.ACK, 0))
+
+    def _rx_udp(self, pkt, v, src, dst, start, end) -> None:
+        if end - start < 8:
+            self.counters["udp_bad_header"] += 1
+            return
+        sport, dport, length, csum = udp.unpack_header(pkt, start)
+        if length < 8 or start + length > end:
+            self.counters["udp_bad_header"] += 1
+            return
+        if self.verify and (csum or v == 6) and not W.segment_checksum_ok(pkt, start, start + length, src, dst, ip.PROTO_UDP):
+            self.counters["udp_bad_checksum"] += 1
+            return
+        sock = self.udp.get(dport)
+        if sock is None:
+            self.counters["udp_no_socket"] += 1
+            self.out.append(icmp.port_unreachable(v, dst, src, bytes(pkt[:end])))
+            return
+        sock._deliver((bytes(pkt[start + 8:start + length]), (str(ipaddress.ip_address(src)), sport)))
+
+    def _rx_icmp(self, pkt, v, src, dst, start, end) -> None:
+        if end - start < 8:
+            self.counters["icmp_bad_header"] += 1
+            return
+        body = bytes(pkt[start:end])
+        t, code = body[0], body[1]
+        if self.verify:
+            ok = (checksum(body) == 0 if v == 4
+                  else W.segment_checksum_ok(pkt, start, end, src, dst, ip.PROTO_ICMPV6))
+            if not ok:
+                self.counters["icmp_bad_checksum"] += 1
+                return
+        if v == 4:
+            if t == icmp.V4_ECHO_REQUEST:
+                self.counters["icmp_echo_replied"] += 1
+                self.out.append(icmp.echo_reply(4, dst, src, body))
+                return
+            kind = icmp.classify_v4(t, code)
+        else:
+            if t == icmp.V6_ECHO_REQUEST:
+                self.counters["icmp_echo_replied"] += 1
+                self.out.append(icmp.echo_reply(6, dst, src, body))
+                return
+            kind = icmp.classify_v6(t, code)
+        if kind is None:
+            self.counters["icmp_ignored"] += 1
+            return
+        self._icmp_error(kind, body[8:])
+
+    def _icmp_error(self, kind: str, quoted: bytes) -> None:
+        """Find the connection the quoted packet belongs to and tell it."""
+        if len(quoted) < 20:
+            self.counters["icmp_bad_quote"] += 1
+            return
+        qv = quoted[0] >> 4
+        if qv == 4:
+            ihl = (quoted[0] & 15) * 4
+            proto, qsrc, qdst = quoted[9], quoted[12:16], quoted[16:20]
+            off = ihl
+        elif qv == 6 and len(quoted) >= 40:
+            proto, qsrc, qdst = quoted[6], quoted[8:24], quoted[24:40]
+            off = 40
+        else:
+            self.counters["icmp_bad_quote"] += 1
+            return
+        if len(quoted) < off + 4:
+            self.counters["icmp_bad_quote"] += 1
+            return
+        sport = int.from_bytes(quoted[off:off + 2], "big")
+        dport = int.from_bytes(quoted[off + 2:off + 4], "big")
+        if proto == 6:
+            conn = self.conns.get((qdst, dport, qsrc, sport))
+            if conn is not None:
+                conn.icmp_error(kind, 0.0)
+                self.counters["icmp_error_delivered"] += 1
+                self._after(conn)
+                return
+        elif proto == 17:
+            sock = self.udp.get(sport)
+            if sock is not None:
+                sock.error = kind
+                if sock.notify:
+                    sock.notify(sock, "error")
+                self.counters["icmp_error_delivered"] += 1
+                return
+        self.counters["icmp_error_unmatched"] += 1
