@@ -1,0 +1,330 @@
+"""The daemon: builds the object graph, runs it, and shuts it down in order.
+
+Plain WireGuard mode (a wg-quick file):
+
+    listeners / forwards ──► Dialer ──► NetstackRuntime(Stack) ──► WgDevice ──► UDP socket
+    reverse forwards     ◄──────────────┘                     ◄──┘          ◄──┘
+
+`prepare()` turns options into a Plan and raises ConfigError for anything a user got wrong,
+before the daemon detaches; `Daemon.run()` owns every task and socket it opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tsproxy.daemon import ipc, options, statedir, wgconf
+from tsproxy.errors import ConfigError, TsproxyError
+
+log = logging.getLogger("tsproxy.daemon")
+
+
+@dataclass
+class Plan:
+    opts: options.UpOptions
+    state_dir: str
+    wg: wgconf.WgConfig
+    listeners: list[tuple[str, str, int]]          # (kind: mixed|socks5|http, host, port)
+    forwards: list = field(default_factory=list)   # proxy.forward specs
+    reverses: list = field(default_factory=list)
+    proxy_user: str | None = None
+    proxy_password: str | None = None
+
+
+def prepare(opts: options.UpOptions) -> Plan:
+    from tsproxy.proxy import specs
+
+    state_dir = statedir.ensure_state_dir(opts.state_dir or os.environ.get("TSPROXY_STATE_DIR")
+                                          or statedir.default_state_dir())
+    conf = wgconf.load(opts.wg_config)
+    listeners = []
+    if opts.listen:
+        listeners.append(("mixed", *options.parse_listen_addr(opts.listen)))
+    listeners += [("socks5", *options.parse_listen_addr(a)) for a in opts.socks5]
+    listeners += [("http", *options.parse_listen_addr(a)) for a in opts.http_proxy]
+    password = None
+    if opts.proxy_password_file:
+        try:
+            with open(opts.proxy_password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"cannot read the proxy password file ({e.strerror})",
+                              path=opts.proxy_password_file) from None
+        if not password:
+            raise ConfigError("the proxy password file is empty", path=opts.proxy_password_file)
+    if not opts.proxy_user and not opts.allow_public_without_auth:
+        for kind, host, port in listeners:
+            if not options.is_loopback(host):
+                raise ConfigError(f"refusing to serve an open proxy on {host}:{port}: set --proxy-user and "
+                                  "--proxy-password-file, or pass --allow-public-without-auth if you mean it")
+    forwards = [specs.parse_forward(s) for s in opts.forward]
+    reverses = [specs.parse_reverse(s) for s in opts.reverse]
+    return Plan(opts, state_dir, conf, listeners, forwards, reverses, opts.proxy_user, password)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run_foreground(plan: Plan) -> int:
+    setup_logging(plan.opts.log_level)
+    lock = statedir.DaemonLock(plan.state_dir)
+    lock.acquire()
+    try:
+        try:
+            import uvloop
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        try:
+            return runner(Daemon(plan).run())
+        except TsproxyError as e:
+            print(f"tsproxy: {e}", file=sys.stderr, flush=True)
+            return 1
+    finally:
+        lock.release()
+
+
+def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        return str(ip), port
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot resolve peer endpoint {host!r} ({e.strerror})") from None
+    infos.sort(key=lambda i: i[0] != socket.AF_INET)   # prefer IPv4 like wg does by default
+    return infos[0][4][0], port
+
+
+class Daemon:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.conf = plan.wg
+        self.state = "Starting"
+        self.started = time.time()
+        self.stopping: asyncio.Event | None = None
+        self.device = None
+        self.udp = None
+        self.netstack = None
+        self.dialer = None
+        self.servers: list = []        # proxy listeners
+        self.forwards: dict = {}       # key "tcp:16579" -> ForwardServer
+        self.reverses: list = []
+        self.ipc: ipc.IpcServer | None = None
+
+    # -- build -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        from tsproxy.dns.aio import TunnelResolver
+        from tsproxy.netstack.aio import NetstackRuntime
+        from tsproxy.netstack.stack import Stack
+        from tsproxy.proxy.aio.dialer import Dialer
+        from tsproxy.wg.aio import WgUdpTransport
+        from tsproxy.wg.device import WgDevice
+
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        iface = self.conf.interface
+        now = loop.time()
+        self.device = WgDevice(iface.private_key, now=now)
+        tunnel_prefixes = []
+        for peer in self.conf.peers:
+            endpoint = resolve_endpoint(*peer.endpoint) if peer.endpoint else None
+            self.device.add_peer(peer.public_key, allowed_ips=peer.allowed_ips, endpoint=endpoint,
+                                 preshared_key=peer.preshared_key,
+                                 persistent_keepalive=float(peer.persistent_keepalive))
+            tunnel_prefixes += peer.allowed_ips
+        stack = Stack([a.ip for a in iface.addresses], mtu=iface.mtu, now=now,
+                      verify_checksums=False)   # WireGuard's Poly1305 already authenticated them
+        try:
+            self.udp = await WgUdpTransport.create(self.device, port=iface.listen_port or 0,
+                                                   on_packets=lambda pkts: self.netstack.deliver(pkts))
+        except OSError as e:
+            raise ConfigError(f"cannot open the WireGuard UDP port {iface.listen_port or 0} ({e.strerror})") from None
+        self.netstack = NetstackRuntime(stack, send_packets=self.udp.send_packets)
+        resolver = TunnelResolver(self.netstack, iface.dns_servers, iface.dns_search)
+        self.dialer = Dialer(self.netstack, names={}, tunnel_prefixes=tunnel_prefixes,
+                             resolver=resolver.resolve if iface.dns_servers else None,
+                             policy=self.plan.opts.non_tailnet, dns_suffixes=iface.dns_search)
+        try:
+            await self._start_frontends()
+            self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
+            await self.ipc.start()
+            self.state = "Running"
+            log.info("running: %s", ", ".join(str(a) for a in iface.addresses))
+            await self.stopping.wait()
+            self.state = "Stopping"
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _start_frontends(self) -> None:
+        from tsproxy.proxy.aio.reverse import ReverseForward
+
+        if self.plan.listeners:
+            await self._start_listeners()
+        for spec in self.plan.forwards:
+            await self.add_forward(spec)
+        for spec in self.plan.reverses:
+            rev = ReverseForward(self.netstack, spec)
+            await rev.start()
+            self.reverses.append(rev)
+
+    async def _start_listeners(self) -> None:
+        from tsproxy.proxy.aio.listener import ProxyServer
+        from tsproxy.proxy.auth import ProxyAuth
+
+        auth = ProxyAuth(self.plan.proxy_user, self.plan.proxy_password) if self.plan.proxy_user else None
+        for kind, host, port in self.plan.listeners:
+            srv = ProxyServer(self.dialer, listen=(host, port), auth=auth, protocols=kind,
+                              pac=self._pac_config())
+            await self._start_or_explain(srv, f"{host}:{port}")
+            self.servers.append((kind, srv))
+
+    def _pac_config(self):
+        from tsproxy.proxy.pac import PacConfig
+
+        nets = []
+        for peer in self.conf.peers:
+            nets += [n for n in peer.allowed_ips if n.prefixlen > 0]
+        return PacConfig(suffixes=list(self.conf.interface.dns_search), networks=nets)
+
+    async def _start_or_explain(self, srv, where: str) -> None:
+        try:
+            await srv.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {where} ({e.strerror or e}); is the port already in use?") from None
+
+    async def add_forward(self, spec):
+        from tsproxy.proxy.aio.forward import ForwardServer
+
+        key = spec.key
+        if key in self.forwards:
+            raise ConfigError(f"a forward on {spec.proto} port {spec.listen_port} already exists")
+        fw = ForwardServer(self.dialer, spec)
+        await self._start_or_explain(fw, f"{spec.listen_host}:{spec.listen_port}")
+        self.forwards[key] = fw
+        return fw
+
+    async def _shutdown(self) -> None:
+        """Front ends first (no new work), then the stack, then the socket; bounded."""
+        async def close(obj):
+            try:
+                async with asyncio.timeout(5):
+                    await obj.aclose()
+            except Exception as e:                 # keep closing the rest; report it
+                log.warning("error while closing %s: %r", type(obj).__name__, e)
+        if self.ipc:
+            await close(self.ipc)
+        for _, srv in self.servers:
+            await close(srv)
+        for fw in list(self.forwards.values()):
+            await close(fw)
+        for rev in self.reverses:
+            await close(rev)
+        if self.netstack is not None:
+            await close(self.netstack)
+        if self.udp is not None:
+            await close(self.udp)
+
+    # -- control socket ------------------------------------------------------------------------
+    async def _handle_ipc(self, req: dict, reader, writer):
+        op = req["op"]
+        if op == "status":
+            return self.status()
+        if op == "down":
+            self.stopping.set()
+            return {"ok": True}
+        if op == "dial":
+            return await self._ipc_dial(req, reader, writer)
+        if op == "forward.list":
+            return {"ok": True, "forwards": [fw.describe() for fw in self.forwards.values()]}
+        if op == "forward.add":
+            from tsproxy.proxy import specs
+            fw = await self.add_forward(specs.parse_forward(str(req.get("spec", ""))))
+            return {"ok": True, "forward": fw.describe()}
+        if op == "forward.remove":
+            key = str(req.get("port", ""))
+            key = key if ":" in key else f"tcp:{key}"
+            fw = self.forwards.pop(key, None)
+            if fw is None:
+                return {"ok": False, "error": f"no forward on {key}"}
+            await fw.aclose()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    async def _ipc_dial(self, req, reader, writer):
+        from tsproxy.proxy.aio.relay import relay
+
+        host, port = req.get("host"), req.get("port")
+        if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
+            return {"ok": False, "error": "dial needs a host name and a port 1..65535"}
+        try:
+            r2, w2 = await self.dialer.open_connection(host, port)
+        except TsproxyError as e:
+            return {"ok": False, "error": f"cannot connect to {host}:{port}: {e}"}
+        writer.write(b'{"ok": true}\n')
+        await writer.drain()
+        await relay(reader, writer, r2, w2)
+        return None
+
+    def status(self) -> dict:
+        iface = self.conf.interface
+        now = time.time()
+        peers = []
+        dev_status = {p["public_key"]: p for p in self.device.peer_status()} if self.device else {}
+        for i, peer in enumerate(self.conf.peers):
+            st = dev_status.get(peer.public_key.b64(), {})
+            hs = st.get("last_handshake")
+            peers.append({
+                "name": f"peer{i + 1}",
+                "public_key": peer.public_key.b64(),
+                "allowed_ips": [str(n) for n in peer.allowed_ips],
+                "endpoint": _fmt_endpoint(st.get("endpoint")),
+                "handshake_age": (now - hs) if hs else None,
+                "rx_bytes": st.get("rx_bytes", 0),
+                "tx_bytes": st.get("tx_bytes", 0),
+            })
+        return {
+            "ok": True,
+            "state": self.state,
+            "mode": "wireguard",
+            "pid": os.getpid(),
+            "uptime": now - self.started,
+            "addresses": [str(a.ip) for a in iface.addresses],
+            "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
+            "forwards": [fw.describe() for fw in self.forwards.values()],
+            "reverse": [r.describe() for r in self.reverses],
+            "peers": peers,
+            "counters": self._counters(),
+        }
+
+    def _counters(self) -> dict:
+        out = {}
+        for prefix, obj in (("wg", self.device), ("udp", self.udp), ("netstack", self.netstack)):
+            for k, v in (getattr(obj, "counters", None) or {}).items():
+                out[f"{prefix}.{k}"] = v
+        return out
+
+
+def _fmt_endpoint(ep) -> str | None:
+    if isinstance(ep, tuple) and len(ep) == 2:
+        host, port = ep
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return None if ep is None else str(ep)

@@ -1,0 +1,1 @@
+"""asyncio side of the front ends: dialer, relay, listeners, forwards."""

@@ -1,0 +1,77 @@
+"""Bidirectional byte relay between two stream pairs, with half-close and backpressure.
+
+Each direction reads at most 64 KiB, writes it and awaits drain() before reading again, so a
+slow side slows the other down instead of filling memory.  EOF on one side is passed on as
+write_eof() and the other direction keeps going; an error on either side aborts both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+CHUNK = 256 * 1024
+
+
+def abort(writer) -> None:
+    try:
+        if hasattr(writer, "abort"):
+            writer.abort()
+        else:
+            writer.transport.abort()
+    except Exception:
+        pass
+
+
+async def _pipe(src, dst, counter: list | None) -> None:
+    while True:
+        data = await src.read(CHUNK)
+        if not data:
+            break
+        dst.write(data)
+        if counter is not None:
+            counter[0] += len(data)
+        await dst.drain()
+    try:
+        if dst.can_write_eof():
+            dst.write_eof()
+    except (OSError, RuntimeError):
+        pass
+
+
+async def relay(ar, aw, br, bw, *, counters: list | None = None) -> None:
+    """Relay a<->b until both directions finish; always closes (or aborts) both writers."""
+    c_ab = c_ba = None
+    if counters is not None:
+        c_ab, c_ba = counters
+    t1 = asyncio.ensure_future(_pipe(ar, bw, c_ab))
+    t2 = asyncio.ensure_future(_pipe(br, aw, c_ba))
+    failed = False
+    try:
+        done, pending = await asyncio.wait({t1, t2}, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                failed = True
+        if failed:
+            for t in pending:
+                t.cancel()
+        else:
+            await asyncio.gather(*pending)
+            for t in (t1, t2):
+                if t.exception() is not None:
+                    failed = True
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for t in (t1, t2):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(t1, t2, return_exceptions=True)
+        for w in (aw, bw):
+            if failed:
+                abort(w)
+            else:
+                try:
+                    w.close()
+                except Exception:
+                    abort(w)
