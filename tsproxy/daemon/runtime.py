@@ -308,6 +308,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime": now - self.started,
             "addresses": [str(a.ip) for a in iface.addresses],
+            "wireguard_port": self.udp.port if self.udp else None,
             "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
             "forwards": [fw.describe() for fw in self.forwards.values()],
             "reverse": [r.describe() for r in self.reverses],

@@ -1,0 +1,182 @@
+"""A real WireGuard peer for tests: wireguard-go (TUN) plus the Linux TCP stack in a namespace.
+
+    root ns  <veth /30>  namespace: wireguard-go on wgX  100.64.0.2/32, fd7a:115c:a1e0::2/128
+                                    routes 100.64.0.0/10 and fd7a:115c:a1e0::/48 via wgX
+                                    servers.py on the tunnel and veth addresses
+
+`client_conf()` writes the wg-quick file our side uses from the root namespace.  Also a small
+CLI for people: `python -m tsproxy.testing.wgpeer up --state DIR` / `down --state DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from tsproxy.keys import NodePrivate
+from tsproxy.testing import netns
+from tsproxy.testing.peers import find_binary
+
+PEER_IP4, PEER_IP6 = "100.64.0.2", "fd7a:115c:a1e0::2"
+CLIENT_IP4, CLIENT_IP6 = "100.64.0.1", "fd7a:115c:a1e0::1"
+WG_PORT = 51820
+MTU = 1420
+DNS_NAME = "peer.tunnel.test"
+
+
+class WireGuardPeer:
+    def __init__(self, workdir: str | None = None, *, name: str = "tsp-peer"):
+        self.workdir = workdir or tempfile.mkdtemp(prefix="tspeer-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.name = name
+        self.key = NodePrivate.generate()
+        self.client_key = NodePrivate.generate()
+        self.ns: netns.Namespace | None = None
+        self.ifname = netns.unique("tswg")
+        self.extra_clients: list = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "WireGuardPeer":
+        wggo = find_binary("wireguard-go")
+        wg = find_binary("wg")
+        self.ns = ns = netns.Namespace("tspp")
+        try:
+            self.root_if, self.ns_if, self.root_ip, self.veth_ip = ns.veth_to_root()
+            keyfile = os.path.join(self.workdir, "peer.key")
+            with open(os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(self.key.b64() + "\n")
+            sock = f"/var/run/wireguard/{self.ifname}.sock"
+            self.wg_proc = ns.spawn([wggo, "-f", self.ifname], os.path.join(self.workdir, "wireguard-go.log"),
+                                    env={"LOG_LEVEL": "error", "WG_PROCESS_FOREGROUND": "1"})
+            for _ in range(100):
+                if os.path.exists(sock):
+                    break
+                if self.wg_proc.poll() is not None:
+                    raise RuntimeError(f"wireguard-go exited: {self._log('wireguard-go.log')}")
+                time.sleep(0.05)
+            else:
+                raise RuntimeError("wireguard-go did not create its UAPI socket")
+            ns.exec([wg, "set", self.ifname, "private-key", keyfile, "listen-port", str(WG_PORT),
+                     "peer", self.client_key.public().b64(),
+                     "allowed-ips", f"{CLIENT_IP4}/32,{CLIENT_IP6}/128"])
+            ns.exec(["ip", "addr", "add", f"{PEER_IP4}/32", "dev", self.ifname])
+            ns.exec(["ip", "-6", "addr", "add", f"{PEER_IP6}/128", "dev", self.ifname, "nodad"])
+            ns.exec(["ip", "link", "set", self.ifname, "mtu", str(MTU), "up"])
+            ns.exec(["ip", "route", "add", "100.64.0.0/10", "dev", self.ifname])
+            ns.exec(["ip", "-6", "route", "add", "fd7a:115c:a1e0::/48", "dev", self.ifname])
+            ns.assert_no_default_route()
+            self.servers = ns.spawn(
+                [sys.executable, "-m", "tsproxy.testing.servers", "--bind", PEER_IP4, "--bind", PEER_IP6,
+                 "--bind", str(self.veth_ip), "--name", self.name,
+                 "--dns", f"{DNS_NAME}={PEER_IP4}", "--dns", f"{DNS_NAME}={PEER_IP6}"],
+                os.path.join(self.workdir, "servers.log"),
+                env={"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))})
+            for _ in range(200):
+                if "ready" in self._log("servers.log"):
+                    break
+                if self.servers.poll() is not None:
+                    raise RuntimeError(f"test servers exited: {self._log('servers.log')}")
+                time.sleep(0.05)
+            else:
+                raise RuntimeError("test servers did not start")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.ns is not None:
+            self.ns.close()
+            self.ns = None
+        try:
+            os.unlink(f"/var/run/wireguard/{self.ifname}.sock")
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _log(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.workdir, name), errors="replace") as f:
+                return f.read()[-2000:]
+        except FileNotFoundError:
+            return ""
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def endpoint(self) -> str:
+        return f"{self.veth_ip}:{WG_PORT}"
+
+    def client_conf(self, *, psk: bytes | None = None, keepalive: int = 0, dns: bool = False,
+                    extra_peers: str = "") -> str:
+        lines = ["[Interface]", f"PrivateKey = {self.client_key.b64()}",
+                 f"Address = {CLIENT_IP4}/32, {CLIENT_IP6}/128", f"MTU = {MTU}"]
+        if dns:
+            lines.append(f"DNS = {PEER_IP4}, tunnel.test")
+        lines += ["", "[Peer]", f"PublicKey = {self.key.public().b64()}", f"Endpoint = {self.endpoint}",
+                  "AllowedIPs = 100.64.0.0/10, fd7a:115c:a1e0::/48"]
+        if psk is not None:
+            import base64
+            lines.append(f"PresharedKey = {base64.b64encode(psk).decode()}")
+            self.set_psk(psk)
+        if keepalive:
+            lines.append(f"PersistentKeepalive = {keepalive}")
+        return "\n".join(lines) + "\n" + extra_peers
+
+    def write_client_conf(self, path: str | None = None, **kw) -> str:
+        path = path or os.path.join(self.workdir, "client.conf")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(self.client_conf(**kw))
+        return path
+
+    def set_psk(self, psk: bytes) -> None:
+        import base64
+        pskfile = os.path.join(self.workdir, "psk")
+        with open(os.open(pskfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(base64.b64encode(psk).decode() + "\n")
+        self.ns.exec([find_binary("wg"), "set", self.ifname, "peer", self.client_key.public().b64(),
+                      "preshared-key", pskfile])
+
+    def wg_dump(self) -> list[dict]:
+        """`wg show dump` peers: public key, endpoint, latest handshake (unix), rx, tx."""
+        out = self.ns.exec([find_binary("wg"), "show", self.ifname, "dump"]).stdout.splitlines()
+        peers = []
+        for line in out[1:]:
+            f = line.split("\t")
+            peers.append({"public_key": f[0], "endpoint": f[2], "latest_handshake": int(f[4]),
+                          "rx": int(f[5]), "tx": int(f[6])})
+        return peers
+
+    def exec(self, cmd: list[str], check: bool = True, **kw):
+        return self.ns.exec(cmd, check=check, **kw)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tsproxy.testing.wgpeer",
+                                description="Run a real WireGuard peer (wireguard-go) in a network namespace.")
+    p.add_argument("action", choices=["up"])
+    p.add_argument("--state", required=True, help="directory for keys, logs and client.conf")
+    a = p.parse_args(argv)
+    peer = WireGuardPeer(a.state).start()
+    conf = peer.write_client_conf(dns=True)
+    print(json.dumps({"client_conf": conf, "peer": PEER_IP4, "peer6": PEER_IP6, "namespace": peer.ns.name}), flush=True)
+    import signal
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        signal.sigwait(sigs)
+    finally:
+        peer.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
