@@ -240,3 +240,47 @@ def test_detached_up_status_and_down(wg_peer, tmp_path):
     assert down.returncode == 0
     gone = subprocess.run(base + ["status", "--state-dir", state], capture_output=True, text=True, timeout=10)
     assert gone.returncode == 1 and "not running" in gone.stderr
+
+
+def test_transfer_under_one_percent_loss_is_byte_exact(fwd_daemon, wg_peer):
+    from tsproxy.testing.peers import require
+    from tsproxy.testing.wgpeer import clear_loss, loss_counters, set_loss
+    require("nft")
+    set_loss(wg_peer, 10)
+    try:
+        digest, n = fetch_sha256(fwd_daemon.ports["http4"], f"/bytes/{30 * MB}")
+        dropped = loss_counters(wg_peer)
+    finally:
+        clear_loss(wg_peer)
+    assert n == 30 * MB and digest == pattern_sha256(30 * MB)
+    assert dropped > 50                                   # the loss really happened
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_transfer_across_two_rekeys_without_a_stall(fwd_daemon):
+    """A real peer's timers: our side initiates, so it rekeys every REKEY_AFTER_TIME (120 s)
+    while it keeps sending (ACKs).  A drip download over 260 s must see >= 2 new handshakes
+    and never go more than a second without data."""
+    size, seconds = 26 * MB, 260
+    fetch_sha256(fwd_daemon.ports["http4"], "/bytes/10")        # the first handshake is not a rekey
+    before = fwd_daemon.status()["peers"][0]["handshakes"]
+    assert before >= 1
+    with socket.create_connection(("127.0.0.1", fwd_daemon.ports["http4"]), timeout=30) as s:
+        s.sendall(f"GET /drip/{size}/{seconds} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        f = s.makefile("rb", buffering=0)
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += f.read(1)
+        h = hashlib.sha256()
+        n, last, max_gap = 0, time.monotonic(), 0.0
+        while chunk := f.read(1 << 16):
+            now = time.monotonic()
+            max_gap = max(max_gap, now - last)
+            last = now
+            h.update(chunk)
+            n += len(chunk)
+    after = fwd_daemon.status()["peers"][0]["handshakes"]
+    assert n == size and h.hexdigest() == pattern_sha256(size)
+    assert after - before >= 2, (before, after)
+    assert max_gap < 1.0, max_gap

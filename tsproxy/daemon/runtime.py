@@ -298,6 +298,7 @@ class Daemon:
                 "allowed_ips": [str(n) for n in peer.allowed_ips],
                 "endpoint": _fmt_endpoint(st.get("endpoint")),
                 "handshake_age": (now - hs) if hs else None,
+                "handshakes": st.get("handshakes", 0),
                 "rx_bytes": st.get("rx_bytes", 0),
                 "tx_bytes": st.get("tx_bytes", 0),
             })

@@ -180,3 +180,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def set_loss(peer: WireGuardPeer, permille: int) -> None:
+    """Drop `permille`/1000 of WireGuard datagrams each way at the peer (nftables numgen)."""
+    clear_loss(peer)
+    if permille <= 0:
+        return
+    nft = find_binary("nft")
+    rules = (f"table inet tsploss {{\n"
+             f" chain in {{ type filter hook input priority 0; udp dport {WG_PORT} numgen random mod 1000 < {permille} counter drop; }}\n"
+             f" chain out {{ type filter hook output priority 0; udp sport {WG_PORT} numgen random mod 1000 < {permille} counter drop; }}\n"
+             f"}}\n")
+    peer.exec([nft, "-f", "-"], input=rules)
+
+
+def loss_counters(peer: WireGuardPeer) -> int:
+    out = peer.exec([find_binary("nft"), "list", "table", "inet", "tsploss"], check=False).stdout
+    return sum(int(tok) for line in out.splitlines() if "counter packets" in line
+               for tok in [line.split("counter packets")[1].split()[0]])
+
+
+def clear_loss(peer: WireGuardPeer) -> None:
+    peer.exec([find_binary("nft"), "delete", "table", "inet", "tsploss"], check=False)
