@@ -140,3 +140,33 @@ class Namespace:
         for link in self.links:
             run(["ip", "link", "del", link], check=False)   # normally gone with the namespace
         shutil.rmtree(self.etc, ignore_errors=True)
+
+
+def veth_between(a: Namespace, b: Namespace) -> tuple[str, str, ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """A veth pair between two namespaces on a fresh /30: (if in a, if in b, ip in a, ip in b)."""
+    net = allocate_subnet()
+    ip_a, ip_b = list(net.hosts())
+    ia, ib = unique("tsa"), unique("tsb")
+    run(["ip", "link", "add", ia, "type", "veth", "peer", "name", ib])
+    run(["ip", "link", "set", ia, "netns", a.name])
+    run(["ip", "link", "set", ib, "netns", b.name])
+    a.exec(["ip", "addr", "add", f"{ip_a}/30", "dev", ia])
+    a.exec(["ip", "link", "set", ia, "up"])
+    b.exec(["ip", "addr", "add", f"{ip_b}/30", "dev", ib])
+    b.exec(["ip", "link", "set", ib, "up"])
+    return ia, ib, ip_a, ip_b
+
+
+def blackhole_default(ns: Namespace) -> None:
+    """A default route into a veth whose both ends sit in `ns` with no addresses and no
+    forwarding: sing-box insists on a default interface, and nothing sent there can leave."""
+    ns.exec(["ip", "link", "add", "tspbh0", "type", "veth", "peer", "name", "tspbh1"])
+    ns.exec(["ip", "link", "set", "tspbh0", "up"])
+    ns.exec(["ip", "link", "set", "tspbh1", "up"])
+    ns.exec(["sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"])
+    ns.exec(["ip", "route", "replace", "default", "dev", "tspbh0"])
+    ns.exec(["ip", "-6", "route", "replace", "default", "dev", "tspbh0"], check=False)
+    for fam in ("-4", "-6"):
+        out = ns.exec(["ip", fam, "route", "show", "default"], check=False).stdout
+        if any(line and "tspbh0" not in line for line in out.splitlines()):
+            raise RuntimeError(f"unexpected default route in {ns.name}: {out}")

@@ -145,6 +145,10 @@ class WireGuardPeer:
         self.ns.exec([find_binary("wg"), "set", self.ifname, "peer", self.client_key.public().b64(),
                       "preshared-key", pskfile])
 
+    def add_client(self, public_b64: str, ip4: str, ip6: str) -> None:
+        self.ns.exec([find_binary("wg"), "set", self.ifname, "peer", public_b64,
+                      "allowed-ips", f"{ip4}/32,{ip6}/128"])
+
     def wg_dump(self) -> list[dict]:
         """`wg show dump` peers: public key, endpoint, latest handshake (unix), rx, tx."""
         out = self.ns.exec([find_binary("wg"), "show", self.ifname, "dump"]).stdout.splitlines()
