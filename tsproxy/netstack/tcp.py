@@ -19,6 +19,7 @@ Congestion control is NewReno with RFC 3465 byte counting in slow start.
 from __future__ import annotations
 
 import bisect
+import hashlib
 
 from tsproxy.netstack.wire import tcp as W
 
@@ -71,6 +72,14 @@ def unwrap(ref: int, value: int) -> int:
     if d >= 0x80000000:
         d -= 0x100000000
     return ref + d
+
+
+def initial_sequence_number(secret: bytes, key: tuple, now: float) -> int:
+    """RFC 6528: ISN = M + F(secret, 4-tuple), M a 4 us clock.  `key` holds packed addresses
+    (bytes) and ports (ints) in any fixed order."""
+    h = hashlib.blake2s(b"".join(k if isinstance(k, bytes) else k.to_bytes(2, "big") for k in key),
+                        key=secret[:32], digest_size=4).digest()
+    return (int(now * 250_000) + int.from_bytes(h, "big")) & M32
 
 
 class TcpConnection:
@@ -299,13 +308,18 @@ class TcpConnection:
             self.keepalive_probes = 0
         seq = unwrap(self.rcv_nxt, seq)
         plen = len(payload)
+        if st == SYN_RECEIVED and flags & (SYN | ACK | RST) == SYN | ACK and seq == self.irs \
+                and unwrap(self.snd_una, ack) == self.iss + 1:
+            self._simultaneous_open_done(window, now)      # their SYN-ACK acks our SYN
+            return
         # --- 1. sequence acceptability (RFC 9293 3.10.7.4)
         wnd = self.rcv_adv - self.rcv_nxt
         if wnd < 0:
             wnd = 0
         rn = self.rcv_nxt
         if plen == 0:
-            ok = seq == rn if wnd == 0 else rn <= seq < rn + wnd or (seq == rn - 1 and not flags & (SYN | FIN | RST))
+            # RCV.NXT-1 (keepalive / persist probes) is unacceptable: it earns an ACK below
+            ok = seq == rn if wnd == 0 else rn <= seq < rn + wnd
         else:
             ok = wnd > 0 and (rn <= seq < rn + wnd or rn <= seq + plen - 1 < rn + wnd) or (seq < rn and seq + plen > rn)
             if not ok and seq + plen <= rn:
@@ -373,6 +387,17 @@ class TcpConnection:
             self.ack_now = True
         if self.remote_fin is not None and self.rcv_nxt == self.remote_fin:
             self._rx_fin(now)
+        self._output(now)
+
+    def _simultaneous_open_done(self, window: int, now: float) -> None:
+        self.state = ESTABLISHED
+        self.snd_una = self.iss + 1
+        self.snd_wnd = window                 # SYN-ACK windows are never scaled
+        self.snd_wl1, self.snd_wl2 = self.irs, self.snd_una
+        self.rto_at = None
+        self.retries = 0
+        self.ack_now = True
+        self._event(EV_CONNECTED, None)
         self._output(now)
 
     def _challenge_ack(self, now: float) -> None:
@@ -718,6 +743,8 @@ class TcpConnection:
     def _output(self, now: float, force_first_hole: bool = False) -> None:
         st = self.state
         if st not in SYNCHRONIZED:
+            if st == SYN_RECEIVED and self.ack_now:
+                self._emit(self.snd_max, 0)            # unacceptable segment / challenge ACK
             return
         sending = st in CAN_SEND or st in (FIN_WAIT_1, CLOSING, LAST_ACK)
         mss = self.mss
