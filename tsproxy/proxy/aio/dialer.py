@@ -43,7 +43,8 @@ class Dialer:
                  resolver=None, policy: str = "direct", connect_timeout: float = 10.0,
                  dns_suffixes=()):
         self.netstack = netstack
-        self.names: dict[str, list] = {k.lower().rstrip("."): v for k, v in (names or {}).items()}
+        self.names: dict[str, list] = {}
+        self.set_names(names or {})
         self.prefixes = [ipaddress.ip_network(p) for p in tunnel_prefixes]
         self.resolver = resolver            # async name -> [ip] over the tunnel, or None
         self.policy = policy
@@ -56,7 +57,9 @@ class Dialer:
         return any(ip.version == n.version and ip in n for n in self.prefixes)
 
     def set_names(self, names: dict) -> None:
-        self.names = {k.lower().rstrip("."): v for k, v in names.items()}
+        # values may be strings or ip_address objects; routing needs the objects
+        self.names = {k.lower().rstrip("."): [ipaddress.ip_address(str(a)) for a in v]
+                      for k, v in names.items()}
 
     async def route(self, host: str) -> tuple[str, list]:
         """-> ("tunnel", [ips]) or ("outside", [host]) for the policy to handle."""
