@@ -46,15 +46,20 @@ class LoopbackTailnet:
             raise ConnectionRefused("refused") from None
 
     async def open_udp(self, local_port=0):
-        return _LoopUdp(await asyncio.get_running_loop().create_datagram_endpoint(
-            asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)))
+        u = _LoopUdp()
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: u, local_addr=("127.0.0.1", 0))
+        return u
 
 
-class _LoopUdp:
-    def __init__(self, tp):
-        self.transport, _ = tp
+class _LoopUdp(asyncio.DatagramProtocol):
+    def __init__(self):
         self.q: asyncio.Queue = asyncio.Queue()
-        self.transport._protocol.datagram_received = lambda d, a: self.q.put_nowait((d, (TUN_IP, a[1])))
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.q.put_nowait((data, (TUN_IP, addr[1])))
 
     def sendto(self, data, addr):
         self.transport.sendto(data, ("127.0.0.1", addr[1]))
@@ -83,7 +88,6 @@ async def _origin(reader, writer):
                     body += await reader.readexactly(n + 2)
                     body = body[:-2]
                     if n == 0:
-                        await reader.readline()
                         break
             extra = f"X-Seen-Proxy-Auth: {'proxy-authorization' in hdrs}\r\nX-Seen-Path: {path}\r\n"
             if path == "/chunked":
