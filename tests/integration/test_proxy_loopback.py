@@ -234,7 +234,9 @@ def test_curl_http_chunked_upload_and_download_keepalive(env):
 def test_curl_with_auth(authenv):
     e = authenv
     url = f"http://web:{e.web_port}/"
-    assert curl("--socks5-hostname", f"alice:s3cret pass@127.0.0.1:{e.port}", url)[1] == PAGE
+    assert curl("-x", f"socks5h://alice:s3cret%20pass@127.0.0.1:{e.port}", url)[1] == PAGE
+    assert curl("--socks5", f"127.0.0.1:{e.port}", "--proxy-user", "alice:s3cret pass",
+                f"http://{TUN_IP}:{e.web_port}/")[1] == PAGE
     rc, _, _ = curl("--socks5-hostname", f"alice:wrong@127.0.0.1:{e.port}", url)
     assert rc != 0
     rc, out, err = curl("-x", f"http://127.0.0.1:{e.port}", "-U", "alice:s3cret pass", url)
