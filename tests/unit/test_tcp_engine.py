@@ -599,3 +599,54 @@ def test_random_segments_in_each_state_never_raise(state, segs):
         for x in c.out:
             decode(x)
         c.out.clear()
+
+
+def test_fin_lost_with_the_data_is_resent_in_rto_recovery_without_a_second_timeout():
+    p = connect(Pair())
+    p.a.send(b"f" * 3000, 1.0)
+    p.a.shutdown_write(1.0)
+    lost = p.take("a")
+    assert lost[-1][2] & W.FIN and p.a.state == T.FIN_WAIT_1
+    t = p.a.next_deadline()
+    p.a.handle_timer(t)                             # RTO: first segment again
+    assert p.a.counters["tcp_rto"] == 1
+    for i in range(6):                              # a few clean round trips, no timer fires
+        p.pump(t + 0.01 * (i + 1))
+        for c in (p.a, p.b):
+            if c.delack_at is not None:
+                c.handle_timer(c.delack_at)
+    assert p.b.state == T.CLOSE_WAIT and p.b.recv(10_000, 2.0) == b"f" * 3000
+    assert p.a.state == T.FIN_WAIT_2 and p.a.counters["tcp_rto"] == 1
+
+
+def test_out_of_order_queue_is_bounded_in_segments_and_runs_coalesce():
+    p = connect(Pair(b_kw={"rcv_cap": 64 * 256, "wscale": None}))
+    b = p.b
+    base = b.rcv_nxt
+    ack = b.snd_nxt & T.M32
+    for k in range(1, 200):                         # 1-byte islands, one every other byte
+        b.receive_segment((base + 2 * k) & T.M32, ack, W.ACK, 1000, b"", b"i", 1.0)
+    assert len(b.ooo) == b.ooo_max == 64
+    assert b.ooo_bytes == 64 and b.counters["tcp_ooo_queue_full"] == 199 - 64
+    b.ooo.clear(), b.ooo_starts.clear()
+    b.ooo_bytes = 0
+    for k in range(1, 100):                         # a contiguous run behind one hole: one entry
+        b.receive_segment((base + 10 * k) & T.M32, ack, W.ACK, 1000, b"", b"0123456789", 1.0)
+    assert len(b.ooo) == 1 and b.ooo_bytes == 990
+    b.receive_segment(base & T.M32, ack, W.ACK, 1000, b"", b"abcdefghij", 1.0)
+    assert b.recv(1 << 20, 1.0) == b"abcdefghij" + b"0123456789" * 99 and not b.ooo
+
+
+def test_sender_sack_scoreboard_is_bounded():
+    p = connect(Pair())
+    a = p.a
+    a.send(b"s" * 10_000, 1.0)
+    p.take("a")
+    una = a.snd_una
+    for k in range(0, 4999, 4):                     # 4 blocks per ACK, every other byte
+        blocks = [((una + 2 * (k + m) + 1) & T.M32, (una + 2 * (k + m) + 2) & T.M32) for m in range(4)]
+        a.receive_segment(a.rcv_nxt & T.M32, una & T.M32, W.ACK, a.snd_wnd >> a.snd_wscale,
+                          W.sack_option(blocks), b"", 1.01)
+    assert len(a.sacked) == T.MAX_SACKED_RANGES
+    assert a.counters["tcp_sack_scoreboard_full"] > 0
+    assert a.sacked_bytes == T.MAX_SACKED_RANGES

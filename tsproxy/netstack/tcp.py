@@ -50,6 +50,7 @@ DEFAULT_BUF = 4 * 1024 * 1024
 DEFAULT_WSCALE = 7
 DEFAULT_MSL = 30.0
 PERSIST_MAX = 60.0
+MAX_SACKED_RANGES = 4096        # sender scoreboard entries (a peer SACKing every other byte)
 
 ACK = W.ACK
 FIN = W.FIN
@@ -127,6 +128,7 @@ class TcpConnection:
         self.ooo: list = []                    # sorted [start, bytes]
         self.ooo_starts: list = []
         self.ooo_bytes = 0
+        self.ooo_max = max(64, rcv_cap // 256)  # bounds the segment count, not just bytes
         self.remote_fin: int | None = None     # sequence number of their FIN once seen
         self.eof = False
         self.app_closed = False
@@ -562,6 +564,9 @@ class TcpConnection:
         i = bisect.bisect_left(sk, [l])
         if i > 0 and sk[i - 1][1] >= l:
             i -= 1
+        if len(sk) >= MAX_SACKED_RANGES and not (i < len(sk) and sk[i][0] <= r):
+            self.counters["tcp_sack_scoreboard_full"] = self.counters.get("tcp_sack_scoreboard_full", 0) + 1
+            return
         j = i
         nl, nr = l, r
         while j < len(sk) and sk[j][0] <= nr:
@@ -643,10 +648,17 @@ class TcpConnection:
         if j < len(starts) and starts[j] < end:
             data = data[:starts[j] - seq]
             end = seq + len(data)
-        self.ooo[i:j] = [[seq, data]]
-        starts[i:j] = [seq]
         self.ooo_bytes += len(data)
         self.last_ooo = seq
+        if i > 0 and i == j and self.ooo[i - 1][0] + len(self.ooo[i - 1][1]) == seq:
+            self.ooo[i - 1][1] += data                        # the common case: extend a run
+            return
+        if i == j and len(starts) >= self.ooo_max:
+            self.ooo_bytes -= len(data)
+            self.counters["tcp_ooo_queue_full"] = self.counters.get("tcp_ooo_queue_full", 0) + 1
+            return
+        self.ooo[i:j] = [[seq, bytearray(data)]]
+        starts[i:j] = [seq]
 
     def _drain_ooo(self) -> None:
         while self.ooo and self.ooo[0][0] <= self.rcv_nxt:
@@ -800,6 +812,8 @@ class TcpConnection:
         off = seq - self.buf_seq
         payload = self.sndbuf[off:off + n]
         flags = PSH if seq + n == self.buf_seq + len(self.sndbuf) else 0
+        if self.fin_seq is not None and seq + n > self.fin_seq:
+            flags |= FIN                                        # a hole that covers our FIN
         self._emit(seq, flags, payload)
         end = seq + n
         if retransmit:
