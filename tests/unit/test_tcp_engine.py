@@ -385,6 +385,24 @@ def test_keepalive_is_off_by_default():
     assert p.a.next_deadline() is None and p.b.next_deadline() is None
 
 
+def test_keepalive_is_armed_when_the_connection_opens_on_both_sides():
+    p = Pair(a_kw={"keepalive": 10.0}, b_kw={"keepalive": 20.0})
+    p.a.connect(0.0)
+    p.pump_syn(0.0)
+    p.feed("b", p.take("b"), 0.25)
+    p.feed("a", p.take("a"), 0.5)
+    assert p.a.next_deadline() == pytest.approx(10.25) and p.b.next_deadline() == pytest.approx(20.5)
+
+
+def test_segments_without_ack_and_unacceptable_segments_are_dropped_and_counted():
+    p = connect(Pair())
+    b = p.b
+    b.receive_segment(b.rcv_nxt & T.M32, 0, W.PSH, 1000, b"", b"data", 1.0)
+    assert b.counters["tcp_rx_no_ack"] == 1 and b.readable_bytes() == 0
+    b.receive_segment((b.rcv_nxt + 2**31 - 1) & T.M32, b.snd_nxt & T.M32, W.ACK, 1000, b"", b"x", 1.0)
+    assert b.counters["tcp_rx_unacceptable"] == 1 and b.readable_bytes() == 0
+
+
 def test_keepalive_probes_keep_a_live_peer_and_detect_a_dead_one():
     p = connect(Pair(a_kw={"keepalive": 10.0}))
     p.b.send(b"hi", 0.5)

@@ -276,7 +276,12 @@ class TcpConnection:
             self.error = self.error or kind
 
     # ================================================================ events
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
     def _event(self, *ev) -> None:
+        if ev[0] == EV_CONNECTED and self.keepalive is not None:
+            self.keepalive_at = self.last_rx + self.keepalive
         self.events.append(ev)
         if self.notify is not None:
             self.notify(self)
@@ -303,6 +308,7 @@ class TcpConnection:
             self._rx_syn_sent(seq, ack, flags, window, options, payload, now)
             return
         if st == CLOSED:
+            self._count("tcp_rx_closed")
             return
         self.last_rx = now
         if self.keepalive is not None:
@@ -327,6 +333,7 @@ class TcpConnection:
             if not ok and seq + plen <= rn:
                 ok = False
         if not ok:
+            self._count("tcp_rx_unacceptable")
             if not flags & RST:
                 if wnd == 0 and plen and seq == rn:
                     self.counters["tcp_zero_window_drop"] = self.counters.get("tcp_zero_window_drop", 0) + 1
@@ -353,6 +360,7 @@ class TcpConnection:
             self._challenge_ack(now)
             return
         if not flags & ACK:
+            self._count("tcp_rx_no_ack")          # RFC 9293: drop segments without ACK
             return
         ack = unwrap(self.snd_una, ack)
         # --- 4. ACK
@@ -408,6 +416,7 @@ class TcpConnection:
         self._output(now)
 
     def _rx_syn_sent(self, seq, ack, flags, window, options, payload, now) -> None:
+        self.last_rx = now
         if flags & ACK:
             ack_abs = unwrap(self.snd_una, ack)
             if ack_abs <= self.iss or ack_abs > self.snd_max:
@@ -418,8 +427,10 @@ class TcpConnection:
                 self._to_closed("refused")
                 return
         elif flags & RST:
+            self._count("tcp_rx_unacceptable")
             return
         if not flags & SYN:
+            self._count("tcp_rx_unacceptable")
             return
         self.irs = seq
         self.rcv_nxt = seq + 1
