@@ -33,6 +33,19 @@ def wg_peer(tmp_path_factory):
         peer.stop()
 
 
+@pytest.fixture(scope="module")
+def singbox_client(wg_peer):
+    """sing-box (userspace WireGuard) in its own namespace, a second client of `wg_peer`
+    (100.64.0.3); SOCKS5/HTTP on 127.0.0.1:11080 inside `singbox_client.ns`."""
+    require("sing-box", "curl")
+    from tsproxy.testing.singbox import SingBoxClient
+    client = SingBoxClient(wg_peer).start()
+    try:
+        yield client
+    finally:
+        client.stop()
+
+
 class Daemon:
     """A tsproxy daemon started through the CLI in the foreground, stopped with `tsproxy down`."""
 

@@ -2,15 +2,20 @@
 
 Every namespace gets only `lo` and the veths we give it, so nothing started inside can
 reach anything but loopback and the test's own hosts; `assert_no_default_route` checks it.
-Root-namespace veth addresses come from 10.231.0.0/16, allocated under an flock and checked
-against the addresses already present, so parallel test runs never collide.
+Veth addresses come from 10.231.0.0/16, allocated under an flock, checked against the
+addresses already present in the root namespace and recorded in a registry file
+(subnet + owner PID, entries of dead PIDs pruned), so parallel test runs never collide even
+between choosing a /30 and configuring it.  Every Namespace still open at interpreter exit
+is torn down by an atexit hook.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import ipaddress
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -19,7 +24,9 @@ import time
 
 POOL = ipaddress.ip_network("10.231.0.0/16")
 LOCK_PATH = "/tmp/tsproxy-netns.lock"
+REGISTRY_PATH = "/tmp/tsproxy-netns.registry"
 _counter = itertools.count()
+_open: "set[Namespace]" = set()
 
 
 def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -45,17 +52,56 @@ def _addresses_in_use() -> set:
     return nets
 
 
-def allocate_subnet() -> ipaddress.IPv4Network:
+def _read_registry() -> dict[str, int]:
+    try:
+        with open(REGISTRY_PATH) as f:
+            data = json.load(f)
+        return {str(k): int(v) for k, v in data.items()}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return {}
+
+
+def _write_registry(reg: dict[str, int]) -> None:
+    tmp = f"{REGISTRY_PATH}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(reg, f)
+    os.replace(tmp, REGISTRY_PATH)
+
+
+def allocate_subnet(owner: int | None = None) -> ipaddress.IPv4Network:
+    """A /30 from POOL that no live registrant holds and no root-namespace address overlaps.
+
+    The registry entry (owned by `owner`, default this process) stays until
+    `release_subnet` or until the owner dies."""
+    owner = os.getpid() if owner is None else owner
     with open(LOCK_PATH, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        used = _addresses_in_use()
-        start = (os.getpid() * 7 + next(_counter) * 13) % (POOL.num_addresses // 4)
+        reg = {net: pid for net, pid in _read_registry().items() if alive(pid)}
+        taken, wide = set(), []           # /30s in the pool; anything wider that overlaps it
+        for u in _addresses_in_use() | {ipaddress.ip_network(n) for n in reg}:
+            if u.version != 4 or not u.overlaps(POOL):
+                continue
+            if u.prefixlen >= 30:
+                taken.add(u.supernet(new_prefix=30))
+            else:
+                wide.append(u)
         subnets = list(POOL.subnets(new_prefix=30))
+        start = (os.getpid() * 7 + next(_counter) * 13) % len(subnets)
         for i in range(len(subnets)):
             cand = subnets[(start + i) % len(subnets)]
-            if not any(cand.overlaps(u) for u in used):
+            if cand not in taken and not any(cand.overlaps(u) for u in wide):
+                reg[str(cand)] = owner
+                _write_registry(reg)
                 return cand
     raise RuntimeError("no free /30 in the test pool")
+
+
+def release_subnet(net: ipaddress.IPv4Network) -> None:
+    with open(LOCK_PATH, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        reg = _read_registry()
+        if reg.pop(str(net), None) is not None:
+            _write_registry(reg)
 
 
 def alive(pid: int) -> bool:
@@ -72,7 +118,9 @@ class Namespace:
         self.name = unique(prefix)
         self.procs: list[subprocess.Popen] = []
         self.links: list[str] = []          # root-side interface names we created
+        self.subnets: list[ipaddress.IPv4Network] = []
         run(["ip", "netns", "add", self.name])
+        _open.add(self)
         self.exec(["ip", "link", "set", "lo", "up"])
         self.exec(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"], check=False)
         self.etc = f"/etc/netns/{self.name}"
@@ -97,6 +145,7 @@ class Namespace:
     def veth_to_root(self) -> tuple[str, str, ipaddress.IPv4Address, ipaddress.IPv4Address]:
         """A veth pair root<->namespace on a fresh /30: (root if, ns if, root ip, ns ip)."""
         net = allocate_subnet()
+        self.subnets.append(net)
         root_ip, ns_ip = list(net.hosts())
         a, b = unique("tsr"), unique("tsn")
         run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
@@ -134,17 +183,42 @@ class Namespace:
                 p.wait(5)
         self.procs.clear()
 
+    def pids(self) -> list[int]:
+        """PIDs of processes we spawned that are still running."""
+        return [p.pid for p in self.procs if p.poll() is None]
+
     def close(self) -> None:
-        self.stop_processes()
-        run(["ip", "netns", "del", self.name], check=False)
-        for link in self.links:
-            run(["ip", "link", "del", link], check=False)   # normally gone with the namespace
-        shutil.rmtree(self.etc, ignore_errors=True)
+        """Idempotent; safe after partial setup or failures."""
+        try:
+            self.stop_processes()
+        finally:
+            run(["ip", "netns", "del", self.name], check=False)
+            for link in self.links:
+                run(["ip", "link", "del", link], check=False)   # normally gone with the namespace
+            self.links.clear()
+            shutil.rmtree(self.etc, ignore_errors=True)
+            for net in self.subnets:
+                release_subnet(net)
+            self.subnets.clear()
+            _open.discard(self)
+
+    def __enter__(self) -> "Namespace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@atexit.register
+def _close_all() -> None:
+    for ns in list(_open):
+        ns.close()
 
 
 def veth_between(a: Namespace, b: Namespace) -> tuple[str, str, ipaddress.IPv4Address, ipaddress.IPv4Address]:
     """A veth pair between two namespaces on a fresh /30: (if in a, if in b, ip in a, ip in b)."""
     net = allocate_subnet()
+    a.subnets.append(net)
     ip_a, ip_b = list(net.hosts())
     ia, ib = unique("tsa"), unique("tsb")
     run(["ip", "link", "add", ia, "type", "veth", "peer", "name", ib])

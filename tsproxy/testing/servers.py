@@ -184,15 +184,37 @@ def dns_answer(query: bytes, records: dict) -> bytes:
     return hdr + question + b"".join(answers)
 
 
-async def serve(binds: list[str], name: str, records: dict) -> None:
+DEFAULT_PORTS = {"http": 80, "echo": 7, "discard": 9, "udp_echo": 7, "dns": 53}
+
+
+async def start_servers(binds: list[str], name: str, records: dict,
+                        ports: dict | None = None) -> tuple[list, dict[str, int]]:
+    """Start every server on every bind address; returns (handles, {service: port}).
+
+    A port of 0 picks a free one (the same for all binds is not guaranteed then; tests use
+    one bind).  Handles are asyncio Servers and DatagramTransports; close() them to stop."""
+    ports = {**DEFAULT_PORTS, **(ports or {})}
     loop = asyncio.get_running_loop()
-    servers = []
+    handles, actual = [], {}
+
+    def note(key, sock_port):
+        actual.setdefault(key, sock_port)
+
     for host in binds:
-        servers.append(await asyncio.start_server(lambda r, w: _http(r, w, name), host, 80, limit=1 << 20, backlog=4096))
-        servers.append(await asyncio.start_server(_echo, host, 7, backlog=4096))
-        servers.append(await asyncio.start_server(_discard, host, 9, backlog=4096))
-        await loop.create_datagram_endpoint(_UdpEcho, local_addr=(host, 7))
-        await loop.create_datagram_endpoint(lambda: _Dns(records), local_addr=(host, 53))
+        for key, cb, limit in (("http", lambda r, w: _http(r, w, name), 1 << 20),
+                               ("echo", _echo, 1 << 16), ("discard", _discard, 1 << 16)):
+            srv = await asyncio.start_server(cb, host, ports[key], limit=limit, backlog=4096)
+            handles.append(srv)
+            note(key, srv.sockets[0].getsockname()[1])
+        for key, factory in (("udp_echo", _UdpEcho), ("dns", lambda: _Dns(records))):
+            tr, _ = await loop.create_datagram_endpoint(factory, local_addr=(host, ports[key]))
+            handles.append(tr)
+            note(key, tr.get_extra_info("sockname")[1])
+    return handles, actual
+
+
+async def serve(binds: list[str], name: str, records: dict) -> None:
+    await start_servers(binds, name, records)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

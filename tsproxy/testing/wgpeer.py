@@ -163,47 +163,128 @@ class WireGuardPeer:
         return self.ns.exec(cmd, check=check, **kw)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tsproxy.testing.wgpeer",
-                                description="Run a real WireGuard peer (wireguard-go) in a network namespace.")
-    p.add_argument("action", choices=["up"])
-    p.add_argument("--state", required=True, help="directory for keys, logs and client.conf")
-    a = p.parse_args(argv)
-    peer = WireGuardPeer(a.state).start()
-    conf = peer.write_client_conf(dns=True)
-    print(json.dumps({"client_conf": conf, "peer": PEER_IP4, "peer6": PEER_IP6, "namespace": peer.ns.name}), flush=True)
+STATE_FILE = "state.json"
+
+
+def _state_path(state: str) -> str:
+    return os.path.join(state, STATE_FILE)
+
+
+def _up(state: str) -> int:
+    peer = WireGuardPeer(state).start()
     import signal
-    sigs = {signal.SIGINT, signal.SIGTERM}
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
+        conf = peer.write_client_conf(dns=True)
+        info = {"client_conf": conf, "peer": PEER_IP4, "peer6": PEER_IP6, "client": CLIENT_IP4,
+                "client6": CLIENT_IP6, "endpoint": peer.endpoint, "namespace": peer.ns.name,
+                "root_if": peer.root_if, "pid": os.getpid(), "pids": peer.ns.pids(),
+                "dns_name": DNS_NAME}
+        tmp = _state_path(state) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, _state_path(state))
+        print(json.dumps(info), flush=True)
         signal.sigwait(sigs)
     finally:
         peer.stop()
+        try:
+            os.unlink(_state_path(state))
+        except FileNotFoundError:
+            pass
     return 0
+
+
+def _down(state: str, timeout: float = 15.0) -> int:
+    """Stop the `up` process recorded in DIR; if it died, clean its leftovers by PID/name."""
+    import signal
+    try:
+        with open(_state_path(state)) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        print(f"no peer running for {state}", file=sys.stderr)
+        return 1
+    holder = int(info["pid"])
+    if netns.alive(holder):
+        os.kill(holder, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while netns.alive(holder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if netns.alive(holder):
+        print(f"peer process {holder} did not exit", file=sys.stderr)
+        return 1
+    # The holder tears everything down itself; these only matter if it was SIGKILLed.
+    for pid in info.get("pids", []):
+        if netns.alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    netns.run(["ip", "netns", "del", info["namespace"]], check=False)
+    netns.run(["ip", "link", "del", info["root_if"]], check=False)
+    try:
+        os.unlink(_state_path(state))
+    except FileNotFoundError:
+        pass
+    print("peer stopped", flush=True)
+    return 0
+
+
+def _detach(state: str, timeout: float = 30.0) -> int:
+    import subprocess
+    os.makedirs(state, exist_ok=True)
+    log = open(os.path.join(state, "up.log"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "tsproxy.testing.wgpeer", "up", "--state", state],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                            start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(_state_path(state)):
+            with open(_state_path(state)) as f:
+                print(f.read(), flush=True)
+            return 0
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    with open(os.path.join(state, "up.log"), errors="replace") as f:
+        print(f"peer did not come up:\n{f.read()[-2000:]}", file=sys.stderr)
+    if proc.poll() is None:
+        proc.terminate()
+    return 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tsproxy.testing.wgpeer",
+                                description="Run a real WireGuard peer (wireguard-go) in a network namespace. "
+                                            "`up` prints one JSON line (client_conf path, addresses) and "
+                                            "stays in the foreground until SIGTERM/SIGINT or `down`.")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--state", required=True, help="directory for keys, logs, client.conf and state.json")
+    p.add_argument("--detach", action="store_true", help="with up: return once the peer is ready")
+    a = p.parse_args(argv)
+    if a.action == "down":
+        return _down(a.state)
+    return _detach(a.state) if a.detach else _up(a.state)
+
+
+# Compatibility: loss helpers now live in impair.py.
+def set_loss(peer: WireGuardPeer, permille: int) -> None:
+    """Drop `permille`/1000 of WireGuard datagrams each way at the peer (nftables numgen)."""
+    from tsproxy.testing import impair
+    impair.set_loss(peer, permille, WG_PORT)
+
+
+def loss_counters(peer: WireGuardPeer) -> int:
+    from tsproxy.testing import impair
+    return impair.loss_counters(peer)
+
+
+def clear_loss(peer: WireGuardPeer) -> None:
+    from tsproxy.testing import impair
+    impair.clear_loss(peer)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def set_loss(peer: WireGuardPeer, permille: int) -> None:
-    """Drop `permille`/1000 of WireGuard datagrams each way at the peer (nftables numgen)."""
-    clear_loss(peer)
-    if permille <= 0:
-        return
-    nft = find_binary("nft")
-    rules = (f"table inet tsploss {{\n"
-             f" chain in {{ type filter hook input priority 0; udp dport {WG_PORT} numgen random mod 1000 < {permille} counter drop; }}\n"
-             f" chain out {{ type filter hook output priority 0; udp sport {WG_PORT} numgen random mod 1000 < {permille} counter drop; }}\n"
-             f"}}\n")
-    peer.exec([nft, "-f", "-"], input=rules)
-
-
-def loss_counters(peer: WireGuardPeer) -> int:
-    out = peer.exec([find_binary("nft"), "list", "table", "inet", "tsploss"], check=False).stdout
-    return sum(int(tok) for line in out.splitlines() if "counter packets" in line
-               for tok in [line.split("counter packets")[1].split()[0]])
-
-
-def clear_loss(peer: WireGuardPeer) -> None:
-    peer.exec([find_binary("nft"), "delete", "table", "inet", "tsploss"], check=False)

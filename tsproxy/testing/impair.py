@@ -1,0 +1,65 @@
+"""Network impairment inside a test namespace (this kernel has no netem; see below).
+
+    loss:  nftables `numgen random mod 1000 < N drop` on the WireGuard UDP port, both ways
+    rate:  tc tbf bottleneck on an interface's egress
+
+Everything lives in one nft table / the root qdisc of interfaces we name, so `clear`
+removes exactly what we added.  Only ever applied inside a namespace a test created.
+"""
+
+from __future__ import annotations
+
+from tsproxy.testing.peers import find_binary
+
+TABLE = "tsploss"
+
+
+def _exec(ns, cmd: list[str], check: bool = True, **kw):
+    # `ns` is a netns.Namespace or anything with the same exec() (e.g. WireGuardPeer).
+    return ns.exec(cmd, check=check, **kw)
+
+
+def set_loss(ns, permille: int, port: int = 51820) -> None:
+    """Drop `permille`/1000 of UDP datagrams to and from `port` in `ns`, each direction."""
+    if not 0 <= permille <= 1000:
+        raise ValueError("permille must be within 0..1000")
+    clear_loss(ns)
+    if permille == 0:
+        return
+    rules = (f"table inet {TABLE} {{\n"
+             f" chain in {{ type filter hook input priority 0; policy accept;"
+             f" udp dport {port} numgen random mod 1000 < {permille} counter drop; }}\n"
+             f" chain out {{ type filter hook output priority 0; policy accept;"
+             f" udp sport {port} numgen random mod 1000 < {permille} counter drop; }}\n"
+             f"}}\n")
+    _exec(ns, [find_binary("nft"), "-f", "-"], input=rules)
+
+
+def loss_counters(ns) -> int:
+    """Datagrams dropped so far by set_loss in `ns` (0 when no table is installed)."""
+    out = _exec(ns, [find_binary("nft"), "list", "table", "inet", TABLE], check=False).stdout
+    total = 0
+    for line in out.splitlines():
+        if "counter packets" in line:
+            total += int(line.split("counter packets")[1].split()[0])
+    return total
+
+
+def clear_loss(ns) -> None:
+    _exec(ns, [find_binary("nft"), "delete", "table", "inet", TABLE], check=False)
+
+
+def set_rate(ns, ifname: str, mbit: float) -> None:
+    """tbf bottleneck of `mbit` Mbit/s on `ifname`'s egress inside `ns`."""
+    _exec(ns, ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", f"{mbit}mbit",
+               "burst", "64kb", "latency", "50ms"])
+
+
+def clear_rate(ns, ifname: str) -> None:
+    _exec(ns, ["tc", "qdisc", "del", "dev", ifname, "root"], check=False)
+
+
+def clear(ns, ifnames: tuple[str, ...] = ()) -> None:
+    clear_loss(ns)
+    for ifname in ifnames:
+        clear_rate(ns, ifname)
