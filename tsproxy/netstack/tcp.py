@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 
+from tsproxy.netstack.tcp_cc import NewReno
 from tsproxy.netstack.wire import tcp as W
 
 CLOSED = "CLOSED"
@@ -87,7 +88,7 @@ class TcpConnection:
     def __init__(self, out: list, packetizer: W.Packetizer, *, now: float, iss: int, mss: int,
                  notify=None, counters: dict | None = None, rcv_cap: int = DEFAULT_BUF,
                  snd_cap: int = DEFAULT_BUF, sack: bool = True, wscale: int | None = DEFAULT_WSCALE,
-                 msl: float = DEFAULT_MSL, keepalive: float | None = None):
+                 msl: float = DEFAULT_MSL, keepalive: float | None = None, cc=None):
         self.out = out
         self.pk = packetizer
         self.notify = notify
@@ -143,7 +144,7 @@ class TcpConnection:
         self.sacked: list = []                 # merged sorted [start, end) above snd_una
         self.sacked_bytes = 0
         self.high_sack = 0
-        self.bytes_acked_ca = 0
+        self.cc = cc if cc is not None else NewReno()
 
         # timers
         self.srtt: float | None = None
@@ -515,7 +516,7 @@ class TcpConnection:
         if self.recovery is not None:
             if ack >= self.recovery_point:
                 if self.recovery == "fast":
-                    self.cwnd = max(self.ssthresh, 2 * self.mss)
+                    self.cc.on_recovery_exit(self, now)
                 self.recovery = None
                 self.counters["tcp_recovery_exit"] = self.counters.get("tcp_recovery_exit", 0) + 1
             else:
@@ -524,9 +525,9 @@ class TcpConnection:
                 if not self.sack_ok:
                     self.high_sack = min(ack + self.mss, self.snd_max)   # NewReno: next hole
                 if self.recovery == "rto":
-                    self._grow_cwnd(acked)
+                    self._grow_cwnd(acked, now)
         else:
-            self._grow_cwnd(acked)
+            self._grow_cwnd(acked, now)
         # retransmission timer (RFC 6298 5.2/5.3)
         if self.snd_una >= self.snd_max:
             self.rto_at = None
@@ -535,15 +536,9 @@ class TcpConnection:
         if self.sndbuf or self.fin_queued:
             self._event(EV_WRITABLE, None)
 
-    def _grow_cwnd(self, acked: int) -> None:
+    def _grow_cwnd(self, acked: int, now: float) -> None:
+        self.cc.on_ack(self, acked, now)
         mss = self.mss
-        if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, 2 * mss)                    # RFC 3465, L = 2
-        else:
-            self.bytes_acked_ca += acked
-            if self.bytes_acked_ca >= self.cwnd:
-                self.bytes_acked_ca -= self.cwnd
-                self.cwnd += mss
         cap = 2 * self.snd_cap + 4 * mss
         if self.cwnd > cap:
             self.cwnd = cap
@@ -590,9 +585,7 @@ class TcpConnection:
 
     def _enter_fast_recovery(self, now: float) -> None:
         self.counters["tcp_fast_recovery"] = self.counters.get("tcp_fast_recovery", 0) + 1
-        flight = self.snd_max - self.snd_una
-        self.ssthresh = max(flight // 2, 2 * self.mss)
-        self.cwnd = self.ssthresh
+        self.cc.on_congestion(self, now)
         self.recovery = "fast"
         self.recovery_point = self.snd_max
         self.rtx_high = self.snd_una
@@ -895,9 +888,7 @@ class TcpConnection:
         if self.retries > DATA_RETRIES:
             self._to_closed("timeout")
             return
-        flight = self.snd_max - self.snd_una
-        self.ssthresh = max(flight // 2, 2 * self.mss)
-        self.cwnd = self.mss
+        self.cc.on_rto(self, now)
         self.recovery = "rto"
         self.recovery_point = self.snd_max
         self.rtx_high = self.snd_una
