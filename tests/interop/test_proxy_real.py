@@ -168,18 +168,18 @@ def _run_chromium(tmp_path, proxy_args, url, shot):
     if os.path.exists(path):
         os.unlink(path)
     subprocess.run(base + [f"--screenshot={path}", "--window-size=800,300", url], capture_output=True, timeout=90)
-    return dom.stdout, path
+    return dom.stdout, path, dom.stderr
 
 
 def test_chromium_through_socks5(proxy_daemon, tmp_path):
-    dom, shot = _run_chromium(tmp_path, [f"--proxy-server=socks5://127.0.0.1:{proxy_daemon.port}"],
+    dom, shot, err = _run_chromium(tmp_path, [f"--proxy-server=socks5://127.0.0.1:{proxy_daemon.port}"],
                               f"http://{DNS_NAME}/", "chromium-socks5.png")
-    assert b"hello from tsp-peer" in dom, dom[-500:]
+    assert b"hello from tsp-peer" in dom, err[-1500:]
     assert os.path.getsize(shot) > 1000
 
 
 def test_chromium_with_pac(proxy_daemon, tmp_path):
-    dom, shot = _run_chromium(tmp_path, [f"--proxy-pac-url=http://127.0.0.1:{proxy_daemon.port}/proxy.pac"],
+    dom, shot, err = _run_chromium(tmp_path, [f"--proxy-pac-url=http://127.0.0.1:{proxy_daemon.port}/proxy.pac"],
                               f"http://{PEER_IP4}/", "chromium-pac.png")
-    assert b"hello from tsp-peer" in dom, dom[-500:]
+    assert b"hello from tsp-peer" in dom, err[-1500:]
     assert os.path.getsize(shot) > 1000
