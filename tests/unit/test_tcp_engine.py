@@ -668,3 +668,15 @@ def test_sender_sack_scoreboard_is_bounded():
     assert len(a.sacked) == T.MAX_SACKED_RANGES
     assert a.counters["tcp_sack_scoreboard_full"] > 0
     assert a.sacked_bytes == T.MAX_SACKED_RANGES
+
+
+def test_receiver_sws_avoidance_small_reads_send_no_window_update():
+    p = connect(Pair(b_kw={"rcv_cap": 20_000, "wscale": None}))
+    p.a.send(b"v" * 30_000, 1.0)
+    p.pump(1.0)
+    assert p.a.snd_wnd == 0
+    assert p.b.recv(500, 1.1) == b"v" * 500
+    assert p.take("b") == []                        # 500 bytes of window is not worth a segment
+    assert p.b.recv(1500, 1.2) == b"v" * 1500
+    (upd,) = p.take("b")                            # 2 MSS opened: window update
+    assert upd[2] == W.ACK and upd[3] == 2000

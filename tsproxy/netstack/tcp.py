@@ -13,7 +13,23 @@ advertised window is what is free in it: a slow reader closes the window).
 Loss recovery: SACK (RFC 2018) scoreboard with FACK-style loss marking, conservative pipe
 accounting after RFC 6675, NewReno (RFC 6582) partial-ACK handling when the peer has no SACK,
 RTO per RFC 6298 (200 ms floor, Karn's rule, exponential backoff) falling back to slow start.
-Congestion control is NewReno with RFC 3465 byte counting in slow start.
+Congestion control is pluggable (tcp_cc.py): NewReno with RFC 3465 byte counting by default,
+CUBIC (RFC 9438) with `cc=Cubic()`.
+
+Seam with stack.py (the stack owns demux, ports, listeners and ISNs; see
+`initial_sequence_number`):
+    TcpConnection(out, packetizer, *, now, iss, mss, notify=None, counters=None,
+                  rcv_cap=4 MiB, snd_cap=4 MiB, sack=True, wscale=7 | None, msl=30.0,
+                  keepalive=None | idle seconds, cc=None)
+    connect(now)                                active open (sends SYN)
+    accept_syn(seq, window, options, now)       passive open for a listener's SYN
+    receive_segment(seq, ack, flags, window, options: bytes, payload, now)   wire values
+    next_deadline() -> float | None ; handle_timer(now)
+    send(data, now) -> int accepted ; send_space() ; recv(max_bytes, now) -> bytes
+    readable_bytes() ; shutdown_write(now) ; close(now) ; abort(now) ; icmp_error(kind, now)
+    take_events() -> [(EV_*, detail)] ; `notify(conn)` is called on every new event
+    state (RFC 9293 names), error, eof, counters (shared dict of named drop/recovery counters)
+Segments go out as whole IP packets appended to `out` (built by the packetizer).
 """
 
 from __future__ import annotations
