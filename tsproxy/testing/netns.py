@@ -38,8 +38,22 @@ def have_root() -> bool:
 
 
 def unique(prefix: str) -> str:
-    """Short unique names (interface names are limited to 15 characters)."""
-    return f"{prefix}{os.getpid() % 100000}{next(_counter)}"[:15]
+    """Short unique names (interface names are limited to 15 characters): the PID in fixed-width
+    base 36 (so pid 12 + counter 3 never equals pid 1 + counter 23), then a per-process counter."""
+    name = f"{prefix}{_b36(os.getpid()).rjust(5, '0')}{_b36(next(_counter))}"
+    if len(name) > 15:
+        raise ValueError(f"name {name!r} longer than 15 characters; use a shorter prefix")
+    return name
+
+
+def _b36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
 
 
 def _addresses_in_use() -> set:
