@@ -1,0 +1,446 @@
+"""asyncio side of the control client: /key, /ts2021 upgrade, HTTP/2 over Noise, login, map poll.
+
+    ControlClient(control_url, state, hostname=..., auth_key=..., on_netmap=..., ...)
+        await run()          login + streaming map poll forever; reconnects with capped
+                             exponential backoff (1 s .. 30 s); raises AuthKeyRejected once
+        await logout()       register with Expiry in the past, then forget the node keys
+        set_endpoints(list), set_preferred_derp(region)   -> lite map update
+        status() -> dict
+
+`state` is a tsproxy.daemon.state.StateStore (duck-typed: load()/save()/clear_node()).
+A control outage never touches the last good netmap: on_netmap is only called with new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from tsproxy.control import messages as msg
+from tsproxy.control import wire
+from tsproxy.control.netmap import MapSession
+from tsproxy.control.noiseconn import ClientHandshake, NoiseConnection
+from tsproxy.errors import ConfigError, ProtocolError, RemoteProtocolError, TsproxyError
+from tsproxy.keys import MachinePublic, NodePrivate
+
+log = logging.getLogger(__name__)
+
+DIAL_TIMEOUT = 10.0
+WATCHDOG = 120.0
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 30.0
+READ_CHUNK = 65536
+
+
+class AuthKeyRejected(TsproxyError):
+    """The control server refused our auth key (one clear line; not retried)."""
+
+
+class ControlURL:
+    def __init__(self, url: str):
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"control URL must be http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.tls = u.scheme == "https"
+        self.host = u.hostname
+        self.port = u.port or (443 if self.tls else 80)
+        self.authority = u.netloc.rsplit("@", 1)[-1]
+
+
+async def _open(url: ControlURL, timeout: float):
+    ctx = ssl.create_default_context() if url.tls else None       # system CAs, verified
+    return await asyncio.wait_for(
+        asyncio.open_connection(url.host, url.port, ssl=ctx,
+                                server_hostname=url.host if url.tls else None), timeout)
+
+
+async def fetch_server_key(url: ControlURL, *, version: int = msg.CAPABILITY_VERSION,
+                           timeout: float = DIAL_TIMEOUT) -> MachinePublic:
+    reader, writer = await _open(url, timeout)
+    try:
+        writer.write((f"GET {wire.key_path(version)} HTTP/1.1\r\nHost: {url.authority}\r\n"
+                      f"User-Agent: tsproxy\r\nConnection: close\r\n\r\n").encode())
+        async with asyncio.timeout(timeout):
+            buf = b""
+            while (split := wire.split_http_head(buf)) is None:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    raise RemoteProtocolError("/key: connection closed in headers")
+                buf += chunk
+            head, body = split
+            status_line, headers = wire.parse_http_head(head)
+            if status_line.split(" ")[1:2] != ["200"]:
+                raise RemoteProtocolError(f"/key: HTTP {status_line[:80]}")
+            n = int(headers.get("content-length", -1))
+            while (n < 0 or len(body) < n) and len(body) <= wire.MAX_KEY_RESPONSE:
+                chunk = await reader.read(4096)
+                if not chunk:
+                    break
+                body += chunk
+            return MachinePublic(wire.parse_key_response(body[:n] if n >= 0 else body))
+    finally:
+        writer.close()
+
+
+class NoiseH2:
+    """One Noise connection carrying one HTTP/2 client connection; streams multiplexed."""
+
+    def __init__(self, reader, writer, noise: NoiseConnection, authority: str):
+        self._reader, self._writer, self.noise = reader, writer, noise
+        self.authority = authority
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding="utf-8"))
+        self._streams: dict[int, asyncio.Queue] = {}
+        self._closed: BaseException | None = None
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    async def connect(cls, url: ControlURL, machine_key, server_key: MachinePublic, *,
+                      timeout: float = DIAL_TIMEOUT) -> NoiseH2:
+        reader, writer = await _open(url, timeout)
+        try:
+            hs = ClientHandshake(machine_key, server_key, url.authority)
+            writer.write(hs.request)
+            async with asyncio.timeout(timeout):
+                conn = None
+                while conn is None:
+                    data = await reader.read(READ_CHUNK)
+                    if not data:
+                        raise RemoteProtocolError("control: connection closed during upgrade")
+                    conn = hs.receive_data(data)
+        except BaseException:
+            writer.close()
+            raise
+        self = cls(reader, writer, conn, url.authority)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(1 << 24)
+        self._flush()
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        return self
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.noise.write(data)
+            self._writer.write(self.noise.data_to_send())
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(READ_CHUNK)
+                if not data:
+                    raise RemoteProtocolError("control connection closed")
+                self.noise.receive_data(data)
+                plain = self.noise.read()
+                if plain:
+                    try:
+                        events = self.h2.receive_data(plain)
+                    except h2.exceptions.ProtocolError as e:
+                        raise RemoteProtocolError(f"control HTTP/2: {e}") from None
+                    for ev in events:
+                        self._on_event(ev)
+                    self._flush()
+        except (Exception, asyncio.CancelledError) as e:
+            self._closed = e if isinstance(e, Exception) else RemoteProtocolError("closed")
+            for q in self._streams.values():
+                q.put_nowait(self._closed)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    def _on_event(self, ev) -> None:
+        sid = getattr(ev, "stream_id", None)
+        q = self._streams.get(sid)
+        if isinstance(ev, h2.events.ResponseReceived) and q is not None:
+            q.put_nowait(("headers", dict(ev.headers)))
+        elif isinstance(ev, h2.events.DataReceived):
+            self.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
+            if q is not None:
+                q.put_nowait(("data", ev.data))
+        elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and q is not None:
+            q.put_nowait(("end", None))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            raise RemoteProtocolError(f"control sent GOAWAY ({ev.error_code})")
+
+    async def request(self, path: str, body: bytes, headers=()) -> "H2Response":
+        if self._closed is not None:
+            raise RemoteProtocolError("control connection closed")
+        sid = self.h2.get_next_available_stream_id()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[sid] = q
+        self.h2.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                   (":authority", self.authority), (":path", path),
+                                   ("content-length", str(len(body))),
+                                   ("user-agent", "tsproxy"), *headers])
+        self.h2.send_data(sid, body, end_stream=True)   # bodies are small (< 64 KiB window)
+        self._flush()
+        resp = H2Response(self, sid, q)
+        await resp._wait_headers()
+        return resp
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._writer.close()
+
+
+class H2Response:
+    def __init__(self, conn: NoiseH2, sid: int, q: asyncio.Queue):
+        self._conn, self.stream_id, self._q = conn, sid, q
+        self.status = 0
+        self.ended = False
+
+    async def _next(self):
+        item = await self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _wait_headers(self) -> None:
+        kind, val = await self._next()
+        if kind != "headers":
+            raise RemoteProtocolError("control: stream ended without headers")
+        self.status = int(val.get(":status", 0))
+
+    async def read_chunk(self) -> bytes:
+        """Next DATA chunk, b"" at the end of the stream."""
+        if self.ended:
+            return b""
+        kind, val = await self._next()
+        if kind == "end":
+            self.ended = True
+            self._conn._streams.pop(self.stream_id, None)
+            return b""
+        return val
+
+    async def read_all(self, limit: int) -> bytes:
+        out = bytearray()
+        while chunk := await self.read_chunk():
+            out += chunk
+            if len(out) > limit:
+                raise RemoteProtocolError("control response too large")
+        return bytes(out)
+
+
+class ControlClient:
+    def __init__(self, control_url: str, state, *, hostname: str, auth_key: str | None = None,
+                 tags=(), ephemeral: bool = False, on_netmap=None, on_auth_url=None,
+                 on_state=None, rng=os.urandom, clock=time.time):
+        self.url = ControlURL(control_url)
+        self._store = state
+        self.ident = state.load()
+        self.hostname = hostname
+        self._auth_key = auth_key
+        self.tags = tuple(tags)
+        self.ephemeral = ephemeral
+        self._on_netmap = on_netmap or (lambda nm: None)
+        self._on_auth_url = on_auth_url or (lambda url: None)
+        self._on_state = on_state or (lambda s: None)
+        self._rng = rng
+        self._clock = clock
+        self.state = "NoState"
+        self.netmap = None
+        self.last_error = ""
+        self.failures = 0
+        self.auth_url = ""
+        self._endpoints: list = []
+        self._preferred_derp = 0
+        self._conn: NoiseH2 | None = None
+        self._server_key: MachinePublic | None = None
+        self._force_regen = False
+        self.backoff_min = BACKOFF_MIN
+        self.backoff_max = BACKOFF_MAX
+
+    # -- public API -----------------------------------------------------------------------
+    def status(self) -> dict:
+        node = self.ident.node_key
+        return {"state": self.state, "control_url": self.url.url, "last_error": self.last_error,
+                "failures": self.failures, "auth_url": self.auth_url,
+                "node_key": node.public().text() if node else None,
+                "peers": len(self.netmap.peers) if self.netmap else 0}
+
+    def set_endpoints(self, endpoints: list) -> None:
+        self._endpoints = list(endpoints)
+        self._kick_lite()
+
+    def set_preferred_derp(self, region: int) -> None:
+        self._preferred_derp = region
+        self._kick_lite()
+
+    async def run(self) -> None:
+        backoff = self.backoff_min
+        while True:
+            try:
+                await self._session()
+                backoff = self.backoff_min
+            except AuthKeyRejected:
+                self._set_state("NeedsLogin")
+                raise
+            except (OSError, asyncio.TimeoutError, ProtocolError, ValueError) as e:
+                self.failures += 1
+                self.last_error = f"{type(e).__name__}: {e}"[:300]
+                log.warning("control: %s; retrying in %.0f s", self.last_error, backoff)
+            finally:
+                self._drop_conn()
+            await asyncio.sleep(backoff * (0.75 + 0.5 * self._rng(1)[0] / 255))
+            backoff = min(backoff * 2, self.backoff_max)
+
+    async def logout(self) -> None:
+        if self.ident.node_key is not None:
+            try:
+                conn = await self._connect()
+                await self._register(conn, expiry=msg.LOGOUT_EXPIRY, auth=False)
+            finally:
+                self._drop_conn()
+        self._store.clear_node(self.ident)
+        self._set_state("NeedsLogin")
+
+    # -- internals ------------------------------------------------------------------------
+    def _set_state(self, s: str) -> None:
+        if s != self.state:
+            self.state = s
+            self._on_state(s)
+
+    def _hostinfo(self) -> dict:
+        return msg.hostinfo(self.hostname, tags=self.tags, preferred_derp=self._preferred_derp)
+
+    def _drop_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _connect(self) -> NoiseH2:
+        if self._server_key is None:
+            self._server_key = await fetch_server_key(self.url)
+        self._conn = await NoiseH2.connect(self.url, self.ident.machine_key, self._server_key)
+        return self._conn
+
+    async def _register(self, conn: NoiseH2, *, expiry: str = msg.ZERO_TIME, followup: str = "",
+                        auth: bool = True, node_key: NodePrivate | None = None,
+                        old: NodePrivate | None = None) -> msg.RegisterResponse:
+        nk = node_key or self.ident.node_key
+        body = msg.build_register_request(
+            node_key=nk.public(), old_node_key=old.public() if old else None,
+            hostinfo=self._hostinfo(), auth_key=self._auth_key if auth else None,
+            followup=followup, expiry=expiry, ephemeral=self.ephemeral)
+        resp = await conn.request("/machine/register", body,
+                                  [("ts-lb", nk.public().text())])
+        data = await resp.read_all(msg.MAX_REGISTER_RESPONSE)
+        if resp.status != 200:
+            raise RemoteProtocolError(f"register request: http {resp.status}: "
+                                      f"{data[:200].decode('utf-8', 'replace')}")
+        return msg.parse_register_response(data)
+
+    async def _login(self, conn: NoiseH2) -> None:
+        ident = self.ident
+        regen = ident.node_key is None or self._force_regen
+        for _ in range(8):
+            old = ident.node_key if regen else ident.old_node_key
+            new = NodePrivate.generate(self._rng) if regen else ident.node_key
+            r = await self._register(conn, node_key=new, old=old)
+            followup = ""
+            while r.auth_url and not r.error:
+                self.auth_url = r.auth_url
+                self._set_state("NeedsLogin")
+                if r.auth_url != followup:
+                    self._on_auth_url(r.auth_url)
+                followup = r.auth_url
+                r = await self._register(conn, node_key=new, old=old, followup=followup,
+                                         auth=False)
+            if r.error:
+                if self._auth_key:
+                    raise AuthKeyRejected(f"control server rejected the auth key: "
+                                          f"{r.error[:200]}")
+                raise RemoteProtocolError(f"register: {r.error[:200]}")
+            if r.node_key_expired and not regen:
+                regen = True                      # server says: new node key, OldNodeKey set
+                continue
+            self.auth_url = ""
+            self._force_regen = False
+            if regen:
+                ident.old_node_key = old
+            ident.node_key = new
+            ident.login_name = r.login_name or ident.login_name
+            ident.user_id = r.user_id or ident.user_id
+            self._store.save(ident)
+            return
+        raise RemoteProtocolError("register: server keeps expiring our node key")
+
+    async def _session(self) -> None:
+        conn = await self._connect()
+        await self._login(conn)
+        self._set_state("Starting")
+        self._kick_lite()
+        await self._poll(conn)
+
+    async def _poll(self, conn: NoiseH2) -> None:
+        body = msg.build_map_request(node_key=self.ident.node_key.public(),
+                                     disco_key=self.ident.disco_key.public(),
+                                     hostinfo=self._hostinfo(), endpoints=self._endpoints)
+        resp = await asyncio.wait_for(
+            conn.request("/machine/map", body,
+                         [("ts-lb", self.ident.node_key.public().text())]), WATCHDOG)
+        if resp.status != 200:
+            data = await resp.read_all(4096)
+            raise RemoteProtocolError(f"map request: http {resp.status}: "
+                                      f"{data[:200].decode('utf-8', 'replace')}")
+        dec = msg.MapStreamDecoder()
+        session = MapSession()
+        while True:
+            chunk = await asyncio.wait_for(resp.read_chunk(), WATCHDOG)
+            if not chunk:
+                raise RemoteProtocolError("map stream ended")
+            for obj in dec.feed(chunk):
+                m = msg.parse_map_response(obj)
+                nm = session.apply(m, self._clock())
+                if nm is None:
+                    continue
+                msg.fix_embedded_derp(nm.derp_map, self.url.host, self.url.port)
+                self.failures = 0
+                self.last_error = ""
+                if session.self_expired(self._clock()):
+                    self._set_state("NeedsLogin")
+                    self._force_regen = True      # next login: new key, OldNodeKey = this one
+                    raise RemoteProtocolError("our node key expired; re-registering")
+                self.netmap = nm
+                if nm.self_node.machine_authorized:
+                    self._set_state("Running")
+                else:
+                    self._set_state("NeedsMachineAuth")
+                if nm.self_node.stable_id and nm.self_node.stable_id != self.ident.node_id:
+                    self.ident.node_id = nm.self_node.stable_id
+                    self._store.save(self.ident)
+                self._on_netmap(nm)
+
+    def _kick_lite(self) -> None:
+        conn = self._conn
+        if conn is None or self.ident.node_key is None:
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._lite(conn))
+        task.add_done_callback(_log_task_error)
+
+    async def _lite(self, conn: NoiseH2) -> None:
+        body = msg.build_map_request(node_key=self.ident.node_key.public(),
+                                     disco_key=self.ident.disco_key.public(),
+                                     hostinfo=self._hostinfo(), endpoints=self._endpoints,
+                                     stream=False)
+        resp = await asyncio.wait_for(conn.request("/machine/map", body), DIAL_TIMEOUT)
+        await asyncio.wait_for(resp.read_all(1 << 20), DIAL_TIMEOUT)
+        if resp.status != 200:
+            raise RemoteProtocolError(f"lite map update: http {resp.status}")
+
+
+def _log_task_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("control: lite update failed: %s", task.exception())
