@@ -132,3 +132,26 @@ def test_wgpeer_cli_up_detach_and_down(tmp_path):
     assert info["namespace"] not in netns.run(["ip", "netns", "list"]).stdout
     time.sleep(0.2)
     assert not any(netns.alive(pid) for pid in [info["pid"], *info["pids"]])
+
+
+def test_wgpeer_cli_down_cleans_up_after_a_killed_holder(tmp_path):
+    require("wireguard-go", "wg")
+    import signal
+    state = str(tmp_path / "peer")
+    cmd = [sys.executable, "-m", "tsproxy.testing.wgpeer"]
+    up = subprocess.run([*cmd, "up", "--detach", "--state", state], capture_output=True, text=True,
+                        cwd=REPO, timeout=60)
+    assert up.returncode == 0, up.stderr
+    info = json.loads(up.stdout)
+    os.kill(info["pid"], signal.SIGKILL)         # no teardown from the holder itself
+    deadline = time.monotonic() + 5
+    while netns.alive(info["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    down = subprocess.run([*cmd, "down", "--state", state], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert info["namespace"] not in netns.run(["ip", "netns", "list"]).stdout
+    assert netns.run(["ip", "link", "show", info["root_if"]], check=False).returncode != 0
+    assert not os.path.exists(f"/var/run/wireguard/{info['ifname']}.sock")
+    assert not any(netns.alive(pid) for pid in info["pids"])
+    assert subprocess.run([*cmd, "down", "--state", state], capture_output=True, cwd=REPO).returncode == 1

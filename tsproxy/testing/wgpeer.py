@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -179,7 +180,7 @@ def _up(state: str) -> int:
         conf = peer.write_client_conf(dns=True)
         info = {"client_conf": conf, "peer": PEER_IP4, "peer6": PEER_IP6, "client": CLIENT_IP4,
                 "client6": CLIENT_IP6, "endpoint": peer.endpoint, "namespace": peer.ns.name,
-                "root_if": peer.root_if, "pid": os.getpid(), "pids": peer.ns.pids(),
+                "root_if": peer.root_if, "ifname": peer.ifname, "pid": os.getpid(), "pids": peer.ns.pids(),
                 "dns_name": DNS_NAME}
         tmp = _state_path(state) + ".tmp"
         with open(tmp, "w") as f:
@@ -223,6 +224,12 @@ def _down(state: str, timeout: float = 15.0) -> int:
                 pass
     netns.run(["ip", "netns", "del", info["namespace"]], check=False)
     netns.run(["ip", "link", "del", info["root_if"]], check=False)
+    shutil.rmtree(f"/etc/netns/{info['namespace']}", ignore_errors=True)
+    if info.get("ifname"):
+        try:
+            os.unlink(f"/var/run/wireguard/{info['ifname']}.sock")
+        except FileNotFoundError:
+            pass
     try:
         os.unlink(_state_path(state))
     except FileNotFoundError:
