@@ -231,6 +231,17 @@ def test_curl_http_chunked_upload_and_download_keepalive(env):
     assert b"Re-using existing connection" in err or b"Reusing existing connection" in err
 
 
+def test_upstream_pool_shared_between_clients(env):
+    url = f"http://web:{env.web_port}/"
+    for _ in range(4):                       # four separate client connections, one after another
+        assert curl("-x", f"http://127.0.0.1:{env.port}", url)[1] == PAGE
+    assert env.tailnet.opened == 1
+    assert env.proxy.http_pool.counters["reused"] == 3
+    # a different port is a different pool key
+    curl("-x", f"http://127.0.0.1:{env.port}", f"http://web:{env.echo_port}/", "-m", "2")
+    assert env.tailnet.opened == 2
+
+
 def test_curl_with_auth(authenv):
     e = authenv
     url = f"http://web:{e.web_port}/"

@@ -1,6 +1,6 @@
 """HTTP proxy: CONNECT tunnels, absolute-URI forward proxying with streamed bodies and keep-alive
-to the client, and the PAC file at /proxy.pac.  One upstream connection per client connection is
-kept open and reused while the client keeps asking the same host:port."""
+to the client, and the PAC file at /proxy.pac.  Idle upstream connections are pooled per
+host:port (UpstreamPool, shared by all clients of one listener, bounded, with an idle timeout)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,47 @@ from tsproxy.proxy.aio.relay import relay
 
 CHUNK = 64 * 1024
 MAX_CHUNK_LINE = 4096
+KEEPALIVE_IDLE = 120.0
+
+
+class UpstreamPool:
+    """Idle keep-alive upstream connections per (host, port); at most `per_host` each and
+    `total` overall, dropped after `idle` seconds or as soon as the upstream closed them."""
+
+    def __init__(self, per_host: int = 8, total: int = 256, idle: float = 30.0):
+        self.per_host, self.total, self.idle = per_host, total, idle
+        self._idle: dict[tuple, list] = {}
+        self._count = 0
+        self.counters = {"reused": 0, "opened": 0, "expired": 0}
+
+    def take(self, key):
+        now = asyncio.get_running_loop().time()
+        conns = self._idle.get(key)
+        while conns:
+            ur, uw, ubuf, since = conns.pop()
+            self._count -= 1
+            if ur.at_eof() or uw.is_closing() or ubuf or now - since > self.idle:
+                self.counters["expired"] += 1
+                uw.close()
+                continue
+            self.counters["reused"] += 1
+            return ur, uw, ubuf
+        return None
+
+    def put(self, key, ur, uw, ubuf) -> None:
+        conns = self._idle.setdefault(key, [])
+        if len(conns) >= self.per_host or self._count >= self.total or ubuf:
+            uw.close()
+            return
+        conns.append((ur, uw, ubuf, asyncio.get_running_loop().time()))
+        self._count += 1
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for _, uw, _, _ in conns:
+                uw.close()
+        self._idle.clear()
+        self._count = 0
 
 
 def _dial_status(e: DialError) -> tuple[int, str]:
@@ -107,61 +148,60 @@ class _Body:
 
 async def serve(srv, first: bytes, reader, writer) -> None:
     buf = bytearray(first)
-    upstream = None                 # (key, reader, writer, buffer) kept across requests
-    try:
-        handshake = True
-        while True:
-            try:
-                if handshake:
-                    async with asyncio.timeout(srv.handshake_timeout):
-                        head = await _read_head(reader, buf, http.parse_request_head)
-                else:
+    handshake = True
+    while True:
+        try:
+            if handshake:
+                async with asyncio.timeout(srv.handshake_timeout):
                     head = await _read_head(reader, buf, http.parse_request_head)
-            except TimeoutError:
-                srv.counters["handshake_timeout"] += 1
-                writer.write(http.error_response(408, "Request Timeout"))
+            else:
+                # an idle keep-alive client may wait longer, but not forever; a slow head
+                # after that is still bounded by the same timer
+                async with asyncio.timeout(KEEPALIVE_IDLE):
+                    head = await _read_head(reader, buf, http.parse_request_head)
+        except TimeoutError:
+            if not handshake and not buf:
                 return
-            except http.HeaderTooLarge:
-                srv.counters["bad_request"] += 1
-                writer.write(http.error_response(431, "Request Header Fields Too Large"))
+            srv.counters["handshake_timeout"] += 1
+            writer.write(http.error_response(408, "Request Timeout"))
+            return
+        except http.HeaderTooLarge:
+            srv.counters["bad_request"] += 1
+            writer.write(http.error_response(431, "Request Header Fields Too Large"))
+            return
+        except RemoteProtocolError:
+            srv.counters["bad_request"] += 1
+            writer.write(http.error_response(400, "Bad Request"))
+            return
+        if head is None:
+            return
+        handshake = False
+        if head.method != "CONNECT" and head.target == "/proxy.pac" and head.method in ("GET", "HEAD"):
+            _serve_pac(srv, head, writer)
+            if not _client_keepalive(head):
                 return
-            except RemoteProtocolError:
-                srv.counters["bad_request"] += 1
-                writer.write(http.error_response(400, "Bad Request"))
+            continue
+        if srv.auth is not None and not srv.auth.check_basic(
+                (head.get(b"proxy-authorization") or b"").decode("latin-1")):
+            srv.counters["auth_failed"] += 1
+            writer.write(http.error_response(
+                407, "Proxy Authentication Required",
+                [(b"Proxy-Authenticate", b'Basic realm="tsproxy"')], close=False))
+            # keep the connection if the request had no body, so the client can retry on it
+            if http.content_length(head) or http.is_chunked(head) or not _client_keepalive(head):
                 return
-            if head is None:
-                return
-            handshake = False
-            if head.method != "CONNECT" and head.target == "/proxy.pac" and head.method in ("GET", "HEAD"):
-                _serve_pac(srv, head, writer)
-                if not _client_keepalive(head):
-                    return
-                continue
-            if srv.auth is not None and not srv.auth.check_basic(
-                    (head.get(b"proxy-authorization") or b"").decode("latin-1")):
-                srv.counters["auth_failed"] += 1
-                writer.write(http.error_response(
-                    407, "Proxy Authentication Required",
-                    [(b"Proxy-Authenticate", b'Basic realm="tsproxy"')], close=False))
-                # keep the connection if the request had no body, so the client can retry on it
-                if http.content_length(head) or http.is_chunked(head) or not _client_keepalive(head):
-                    return
-                continue
-            if head.method == "CONNECT":
-                await _connect(srv, head, buf, reader, writer)
-                return
-            try:
-                host, port, path = http.split_absolute(head.target)
-            except RemoteProtocolError:
-                srv.counters["bad_request"] += 1
-                writer.write(http.error_response(400, "Bad Request"))
-                return
-            upstream, keep = await _forward(srv, head, host, port, path, buf, reader, writer, upstream)
-            if not keep:
-                return
-    finally:
-        if upstream is not None:
-            upstream[2].close()
+            continue
+        if head.method == "CONNECT":
+            await _connect(srv, head, buf, reader, writer)
+            return
+        try:
+            host, port, path = http.split_absolute(head.target)
+        except RemoteProtocolError:
+            srv.counters["bad_request"] += 1
+            writer.write(http.error_response(400, "Bad Request"))
+            return
+        if not await _forward(srv, head, host, port, path, buf, reader, writer):
+            return
 
 
 def _client_keepalive(head) -> bool:
@@ -201,27 +241,38 @@ async def _connect(srv, head, buf, reader, writer) -> None:
     await relay(reader, writer, ur, uw)
 
 
-async def _forward(srv, head, host, port, path, buf, reader, writer, upstream):
-    """One absolute-URI request -> (upstream to keep or None, keep the client connection?)."""
+async def _forward(srv, head, host, port, path, buf, reader, writer) -> bool:
+    """One absolute-URI request over a pooled or new upstream -> keep the client connection?"""
     key = (host.lower(), port)
-    if upstream is not None and (upstream[0] != key or upstream[1].at_eof()):
-        upstream[2].close()
-        upstream = None
-    if upstream is None:
+    pooled = srv.http_pool.take(key)
+    if pooled is None:
         try:
             ur, uw = await srv.dialer.open_connection(host, port)
         except DialError as e:
             srv.counters["dial_failed"] += 1
             writer.write(http.error_response(*_dial_status(e)))
-            return None, False
-        upstream = (key, ur, uw, bytearray())
-    _, ur, uw, ubuf = upstream
+            return False
+        srv.http_pool.counters["opened"] += 1
+        pooled = (ur, uw, bytearray())
+    ur, uw, ubuf = pooled
+    pooled_again = False
+    try:
+        keep, pooled_again = await _exchange(srv, head, host, port, path, buf, reader, writer,
+                                             key, ur, uw, ubuf)
+        return keep
+    finally:
+        if not pooled_again:
+            uw.close()                 # failed, half-done or not keep-alive: not reusable
+
+
+async def _exchange(srv, head, host, port, path, buf, reader, writer, key, ur, uw, ubuf):
     try:
         req_len = http.content_length(head)
         req_chunked = http.is_chunked(head)
     except RemoteProtocolError:
         writer.write(http.error_response(400, "Bad Request"))
-        return upstream, False
+        uw.close()
+        return False, False
     hdrs = http.end_to_end(head)
     if not any(k.lower() == b"host" for k, _ in hdrs):
         hdrs.insert(0, (b"Host", (f"[{host}]" if ":" in host else host).encode()
@@ -245,12 +296,12 @@ async def _forward(srv, head, host, port, path, buf, reader, writer, upstream):
             resp = None
         if resp is None:
             writer.write(http.error_response(502, "Bad Gateway"))
-            return None, False
+            return False, False
         if 100 <= resp.status < 200 and resp.status != 101:
             continue                          # interim responses are not forwarded to 1.0 clients
         if resp.status == 101:
             writer.write(http.error_response(502, "Bad Gateway"))
-            return None, False
+            return False, False
     client_keep = _client_keepalive(head)
     up_keep = b"close" not in resp.tokens(b"connection") and resp.version == b"HTTP/1.1"
     no_body = head.method == "HEAD" or resp.status in (204, 304)
@@ -259,7 +310,7 @@ async def _forward(srv, head, host, port, path, buf, reader, writer, upstream):
         r_chunked = http.is_chunked(resp)
     except RemoteProtocolError:
         writer.write(http.error_response(502, "Bad Gateway"))
-        return None, False
+        return False, False
     rh = http.end_to_end(resp)
     until_eof = not no_body and not r_chunked and r_len is None
     if r_chunked and not no_body:
@@ -284,10 +335,9 @@ async def _forward(srv, head, host, port, path, buf, reader, writer, upstream):
             await rbody.copy_to_eof(writer)
             up_keep = False
     await writer.drain()
-    if not up_keep:
-        uw.close()
-        upstream = None
-    return upstream, client_keep
+    if up_keep:
+        srv.http_pool.put(key, ur, uw, ubuf)
+    return client_keep, up_keep
 
 
 async def _dechunk(body: _Body, writer) -> None:

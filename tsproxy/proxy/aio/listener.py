@@ -15,6 +15,7 @@ import socket
 
 from tsproxy.errors import DialError, RemoteProtocolError
 from tsproxy.proxy.aio import http_server, socks_server
+from tsproxy.proxy.aio.http_server import UpstreamPool
 from tsproxy.proxy.pac import PacConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class ProxyServer:
         self.protocols = protocols
         self.handshake_timeout = handshake_timeout
         self.server = None
+        self.http_pool = UpstreamPool()
         self._conns: set[asyncio.Task] = set()
         self.counters = {"accepted": 0, "socks5": 0, "socks4": 0, "http": 0, "bad_request": 0,
                          "auth_failed": 0, "handshake_timeout": 0, "dial_failed": 0}
@@ -60,6 +62,7 @@ class ProxyServer:
             t.cancel()
         if self._conns:
             await asyncio.gather(*self._conns, return_exceptions=True)
+        self.http_pool.close()
         if self.server is not None:
             await self.server.wait_closed()
 
