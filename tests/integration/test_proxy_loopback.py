@@ -169,6 +169,11 @@ class Env:
         for s in (self.web, self.echo):
             s.close()
         self.udp.close()
+        await asyncio.sleep(0.05)               # let the origins see the pooled upstreams close
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def close(self):
         self.call(self._stop())
