@@ -155,3 +155,25 @@ def test_wgpeer_cli_down_cleans_up_after_a_killed_holder(tmp_path):
     assert not os.path.exists(f"/var/run/wireguard/{info['ifname']}.sock")
     assert not any(netns.alive(pid) for pid in info["pids"])
     assert subprocess.run([*cmd, "down", "--state", state], capture_output=True, cwd=REPO).returncode == 1
+
+
+def test_rate_impairment_slows_the_veth_and_clears(wg_peer):
+    n = 2_500_000                                # 20 Mbit/s -> ~1 s; unshaped veth: ~10 ms
+
+    def fetch_seconds():
+        t0 = time.monotonic()
+        with socket.create_connection((str(wg_peer.veth_ip), 80), timeout=30) as s:
+            s.sendall(b"GET /bytes/%d HTTP/1.1\r\nConnection: close\r\n\r\n" % n)
+            got = 0
+            while chunk := s.recv(1 << 16):
+                got += len(chunk)
+        assert got > n
+        return time.monotonic() - t0
+
+    impair.set_rate(wg_peer, wg_peer.ns_if, 20)
+    try:
+        shaped = fetch_seconds()
+    finally:
+        impair.clear_rate(wg_peer, wg_peer.ns_if)
+    assert shaped > 0.8
+    assert fetch_seconds() < shaped / 2

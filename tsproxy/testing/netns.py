@@ -147,8 +147,11 @@ class Namespace:
     def exec(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
         return run(["ip", "netns", "exec", self.name, *cmd], check=check, **kw)
 
-    def spawn(self, cmd: list[str], log_path: str, env: dict | None = None) -> subprocess.Popen:
-        log = open(log_path, "ab")
+    run = exec      # the name the task brief uses
+
+    def spawn(self, cmd: list[str], log_path: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        """Start cmd inside the namespace in its own session; stopped by PID in close()."""
+        log = open(log_path or os.devnull, "ab")
         p = subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], stdin=subprocess.DEVNULL,
                              stdout=log, stderr=log, start_new_session=True,
                              env={**os.environ, **(env or {})})
