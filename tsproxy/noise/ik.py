@@ -101,11 +101,55 @@ class _Symmetric:
         return kdf2(self.ck, b"")
 
 
-def _initial_state(version: int, responder_static_pub: bytes) -> _Symmetric:
+def _initial_state(prologue_bytes: bytes, responder_static_pub: bytes) -> _Symmetric:
     st = _Symmetric(_H0, _H0)
-    st.mix_hash(prologue(version))
-    st.mix_hash(responder_static_pub)
+    st.mix_hash(prologue_bytes)
+    st.mix_hash(responder_static_pub)                           # pre-message <- s
     return st
+
+
+# The four Noise IK message steps, generic over the payload (TS2021 sends empty payloads;
+# the known-answer test uses the noise-c vector's payloads).  They mutate `st`.
+
+def write_message1(st: _Symmetric, s: bytes, e: bytes, e_pub: bytes, rs: bytes,
+                   payload: bytes) -> bytes:
+    """-> e, es, s, ss"""
+    st.mix_hash(e_pub)
+    st.mix_key(_dh(e, rs))                                      # es
+    enc_static = st.encrypt_and_hash(dh_public(s))              # s
+    st.mix_key(_dh(s, rs))                                      # ss
+    return e_pub + enc_static + st.encrypt_and_hash(payload)
+
+
+def read_message1(st: _Symmetric, s: bytes, msg: bytes) -> tuple[bytes, bytes, bytes]:
+    """Responder: returns (initiator static, initiator ephemeral, payload)."""
+    if len(msg) < 32 + 48 + 16:
+        raise RemoteProtocolError("noise initiation too short")
+    re = bytes(msg[:32])
+    st.mix_hash(re)
+    st.mix_key(_dh(s, re))                                      # es
+    rs = st.decrypt_and_hash(bytes(msg[32:80]))                 # s
+    st.mix_key(_dh(s, rs))                                      # ss
+    return rs, re, st.decrypt_and_hash(bytes(msg[80:]))
+
+
+def write_message2(st: _Symmetric, e: bytes, e_pub: bytes, re: bytes, rs: bytes,
+                   payload: bytes) -> bytes:
+    """<- e, ee, se"""
+    st.mix_hash(e_pub)
+    st.mix_key(_dh(e, re))                                      # ee
+    st.mix_key(_dh(e, rs))                                      # se
+    return e_pub + st.encrypt_and_hash(payload)
+
+
+def read_message2(st: _Symmetric, s: bytes, e: bytes, msg: bytes) -> bytes:
+    if len(msg) < 32 + 16:
+        raise RemoteProtocolError("noise response too short")
+    re = bytes(msg[:32])
+    st.mix_hash(re)
+    st.mix_key(_dh(e, re))                                      # ee
+    st.mix_key(_dh(s, re))                                      # se
+    return st.decrypt_and_hash(bytes(msg[32:]))
 
 
 def _dh(priv: bytes, pub: bytes) -> bytes:
@@ -148,16 +192,11 @@ class Initiator:
         self._s = _raw(machine_private)
         self._rs = _raw(server_public)
         self._e, e_pub = dh_generate(rng)
-        st = _initial_state(version, self._rs)
-        st.mix_hash(e_pub)
-        st.mix_key(_dh(self._e, self._rs))                          # es
-        enc_static = st.encrypt_and_hash(dh_public(self._s))        # s
-        st.mix_key(_dh(self._s, self._rs))                          # ss
-        tag = st.encrypt_and_hash(b"")
+        st = _initial_state(prologue(version), self._rs)
+        body = write_message1(st, self._s, self._e, e_pub, self._rs, b"")
         self._st = st
         self.result: HandshakeResult | None = None
-        self.initiation = (_INIT_HDR.pack(version, MSG_INITIATION, INITIATION_PAYLOAD_LEN)
-                           + e_pub + enc_static + tag)
+        self.initiation = _INIT_HDR.pack(version, MSG_INITIATION, INITIATION_PAYLOAD_LEN) + body
 
     def receive_response(self, msg: bytes) -> HandshakeResult:
         """Finish with the server's 51-byte response; a type-3 error message raises with its
@@ -173,12 +212,8 @@ class Initiator:
         typ, n = _MSG_HDR.unpack_from(msg)
         if typ != MSG_RESPONSE or n != RESPONSE_PAYLOAD_LEN:
             raise RemoteProtocolError(f"noise response: type {typ} length {n}")
-        re = msg[3:35]
         st = self._st.copy()
-        st.mix_hash(re)
-        st.mix_key(_dh(self._e, re))                                # ee
-        st.mix_key(_dh(self._s, re))                                # se
-        st.decrypt_and_hash(msg[35:51])
+        read_message2(st, self._s, self._e, msg[3:])
         k1, k2 = st.split()
         self.result = HandshakeResult(k1, k2, st.h, self._rs, self.version)
         self._st = st
@@ -212,18 +247,10 @@ class Responder:
         it back with build_error_message) or for a failed authentication."""
         initiation = bytes(initiation)
         version = parse_initiation_header(initiation)
-        re = initiation[5:37]
-        st = _initial_state(version, self.public)
-        st.mix_hash(re)
-        st.mix_key(_dh(self._s, re))                                # es
-        rs = st.decrypt_and_hash(initiation[37:85])                 # s
-        st.mix_key(_dh(self._s, rs))                                # ss
-        st.decrypt_and_hash(initiation[85:101])
+        st = _initial_state(prologue(version), self.public)
+        rs, re, _ = read_message1(st, self._s, initiation[5:])
         e, e_pub = dh_generate(self._rng)
-        st.mix_hash(e_pub)
-        st.mix_key(_dh(e, re))                                      # ee
-        st.mix_key(_dh(e, rs))                                      # se
-        tag = st.encrypt_and_hash(b"")
+        body = write_message2(st, e, e_pub, re, rs, b"")
         k1, k2 = st.split()
-        response = _MSG_HDR.pack(MSG_RESPONSE, RESPONSE_PAYLOAD_LEN) + e_pub + tag
+        response = _MSG_HDR.pack(MSG_RESPONSE, RESPONSE_PAYLOAD_LEN) + body
         return response, HandshakeResult(k2, k1, st.h, rs, version)
