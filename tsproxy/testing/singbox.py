@@ -65,7 +65,8 @@ class SingBoxClient:
                 if self.proc.poll() is not None:
                     break
                 time.sleep(0.2)
-            raise RuntimeError("sing-box did not come up: " + open(os.path.join(self.peer.workdir, "sing-box.log")).read()[-1500:])
+            with open(os.path.join(self.peer.workdir, "sing-box.log"), errors="replace") as f:
+                raise RuntimeError("sing-box did not come up: " + f.read()[-1500:])
         except BaseException:
             self.stop()
             raise
@@ -74,3 +75,6 @@ class SingBoxClient:
         if self.ns is not None:
             self.ns.close()
             self.ns = None
+            if self.peer.ns is not None:    # forget our key so 100.64.0.3 is free for the next client
+                self.peer.ns.exec([find_binary("wg"), "set", self.peer.ifname, "peer",
+                                   self.key.public().b64(), "remove"], check=False)
