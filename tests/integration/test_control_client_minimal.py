@@ -45,6 +45,8 @@ class MiniControl:
         self.nodes: dict[str, dict] = {}           # node key text -> info
         self.interactive_approved = asyncio.Event()
         self.drop_stream_once = False
+        self.malformed_once = False
+        self.silent_once = False
         self.expire_self_once = False
         self.map_streams = 0
         self.server = None
@@ -179,9 +181,19 @@ class MiniControl:
                     {"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}],
                 "ControlTime": now_text()}
             h2c.send_headers(sid, [(":status", "200")])
+            if self.silent_once:              # headers, then nothing: the watchdog must fire
+                self.silent_once = False
+                await flush()
+                await asyncio.sleep(3600)
             h2c.send_data(sid, msg.encode_map_message({"KeepAlive": True}))
             h2c.send_data(sid, msg.encode_map_message(full))
             await flush()
+            if self.malformed_once:
+                self.malformed_once = False
+                await asyncio.sleep(0.05)
+                h2c.send_data(sid, msg.encode_map_message({"PeersRemoved": "oops"}))
+                await flush()
+                await asyncio.sleep(3600)
             await asyncio.sleep(0.05)
             h2c.send_data(sid, msg.encode_map_message({"KeepAlive": True}))
             h2c.send_data(sid, msg.encode_map_message({"OnlineChange": {"2": True}}))
@@ -334,3 +346,105 @@ async def test_self_key_expiry_reregisters_with_old_key(control, tmp_path):
     stored = StateStore(str(tmp_path)).load()
     assert stored.node_key.public().text() == rekey[0]["NodeKey"]
     assert stored.old_node_key.public() == NodePublic.from_text(first)
+
+
+async def test_malformed_message_drops_stream_keeps_last_netmap(control, tmp_path):
+    control.malformed_once = True
+    c = ControlClient(f"http://127.0.0.1:{control.port}", StateStore(str(tmp_path)),
+                      hostname="me", auth_key="tskey-good")
+    c.backoff_min = 0.05
+    seen_errors = []
+    nms = await run_until(c, lambda n: (c.last_error and seen_errors.append(c.last_error)
+                                        or control.map_streams >= 2 and len(n) >= 2))
+    assert any("PeersRemoved" in e or "list" in e for e in seen_errors)
+    assert control.map_streams >= 2
+    assert set(nms[0].wireguard_peers()) == {PEER}      # first netmap delivered intact
+
+
+async def test_watchdog_reconnects_silent_stream(control, tmp_path):
+    control.silent_once = True
+    c = ControlClient(f"http://127.0.0.1:{control.port}", StateStore(str(tmp_path)),
+                      hostname="me", auth_key="tskey-good")
+    c.backoff_min = 0.05
+    c.watchdog = 0.3
+    errors = []
+    nms = await run_until(c, lambda n: (c.last_error and errors.append(c.last_error)) or bool(n))
+    assert any("watchdog" in e for e in errors)
+    assert control.map_streams == 2 and nms
+
+
+async def test_preferred_derp_and_endpoints_sent_in_lite_update(control, tmp_path):
+    c = ControlClient(f"http://127.0.0.1:{control.port}", StateStore(str(tmp_path)),
+                      hostname="me", auth_key="tskey-good")
+
+    def on_nm(n):
+        if not any(m.get("OmitPeers") and m["Hostinfo"].get("NetInfo") for m in control.maps):
+            c.set_endpoints([("192.0.2.7", 41641, 2)])
+            c.set_preferred_derp(999)
+    nms = []
+    task = asyncio.create_task(c.run())
+    c._on_netmap = lambda n: (nms.append(n), on_nm(n))
+    try:
+        async with asyncio.timeout(10):
+            while not [m for m in control.maps
+                       if m.get("OmitPeers") and m["Hostinfo"].get("NetInfo")]:
+                await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    lite = [m for m in control.maps if m.get("OmitPeers") and m["Hostinfo"].get("NetInfo")][-1]
+    assert lite["Stream"] is False and lite["Hostinfo"]["NetInfo"]["PreferredDERP"] == 999
+    assert lite["Endpoints"] == ["192.0.2.7:41641"] and lite["EndpointTypes"] == [2]
+    assert lite["DiscoKey"].startswith("discokey:")
+
+
+async def test_https_control_url_verifies_certificate(tmp_path):
+    """A self-signed certificate is rejected (TLS verified against the system CAs)."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    hits = []
+
+    async def handler(r, w):
+        hits.append(1)
+        w.close()
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
+    port = srv.sockets[0].getsockname()[1]
+    state_dir = tmp_path / "st"
+    c = ControlClient(f"https://127.0.0.1:{port}", StateStore(str(state_dir)), hostname="me",
+                      auth_key="tskey-good")
+    c.backoff_min = 0.05
+    task = asyncio.create_task(c.run())
+    try:
+        async with asyncio.timeout(10):
+            while c.failures < 1:
+                await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        srv.close()
+    assert "CERTIFICATE_VERIFY_FAILED" in c.status()["last_error"]
+    assert hits == []                          # the handshake never completed

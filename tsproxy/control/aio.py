@@ -258,6 +258,8 @@ class ControlClient:
         self._conn: NoiseH2 | None = None
         self._server_key: MachinePublic | None = None
         self._force_regen = False
+        self._lite_tasks: set[asyncio.Task] = set()
+        self.watchdog = WATCHDOG
         self.backoff_min = BACKOFF_MIN
         self.backoff_max = BACKOFF_MAX
 
@@ -315,6 +317,8 @@ class ControlClient:
         return msg.hostinfo(self.hostname, tags=self.tags, preferred_derp=self._preferred_derp)
 
     def _drop_conn(self) -> None:
+        for t in list(self._lite_tasks):          # owned here: die with their connection
+            t.cancel()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -389,18 +393,28 @@ class ControlClient:
                                      hostinfo=self._hostinfo(), endpoints=self._endpoints)
         resp = await asyncio.wait_for(
             conn.request("/machine/map", body,
-                         [("ts-lb", self.ident.node_key.public().text())]), WATCHDOG)
+                         [("ts-lb", self.ident.node_key.public().text())]), self.watchdog)
         if resp.status != 200:
             data = await resp.read_all(4096)
             raise RemoteProtocolError(f"map request: http {resp.status}: "
                                       f"{data[:200].decode('utf-8', 'replace')}")
         dec = msg.MapStreamDecoder()
         session = MapSession()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.watchdog       # reset by each complete message
         while True:
-            chunk = await asyncio.wait_for(resp.read_chunk(), WATCHDOG)
+            try:
+                chunk = await asyncio.wait_for(resp.read_chunk(),
+                                               max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise RemoteProtocolError(
+                    f"map stream: no message for {self.watchdog:.0f} s (watchdog)") from None
             if not chunk:
                 raise RemoteProtocolError("map stream ended")
-            for obj in dec.feed(chunk):
+            objs = dec.feed(chunk)
+            if objs:
+                deadline = loop.time() + self.watchdog
+            for obj in objs:
                 m = msg.parse_map_response(obj)
                 nm = session.apply(m, self._clock())
                 if nm is None:
@@ -428,7 +442,13 @@ class ControlClient:
             return
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._lite(conn))
-        task.add_done_callback(_log_task_error)
+        self._lite_tasks.add(task)
+        task.add_done_callback(self._lite_done)
+
+    def _lite_done(self, task: asyncio.Task) -> None:
+        self._lite_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("control: lite update failed: %s", task.exception())
 
     async def _lite(self, conn: NoiseH2) -> None:
         body = msg.build_map_request(node_key=self.ident.node_key.public(),
@@ -440,7 +460,3 @@ class ControlClient:
         if resp.status != 200:
             raise RemoteProtocolError(f"lite map update: http {resp.status}")
 
-
-def _log_task_error(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.info("control: lite update failed: %s", task.exception())
