@@ -448,3 +448,33 @@ async def test_https_control_url_verifies_certificate(tmp_path):
         srv.close()
     assert "CERTIFICATE_VERIFY_FAILED" in c.status()["last_error"]
     assert hits == []                          # the handshake never completed
+
+
+async def test_logout_with_unreachable_server_still_forgets_keys(tmp_path):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    store = StateStore(str(tmp_path))
+    ident = store.load()
+    ident.node_key = NodePrivate.generate()
+    store.save(ident)
+    c = ControlClient(f"http://127.0.0.1:{port}", store, hostname="me")
+    with pytest.raises(OSError):
+        await c.logout()
+    assert StateStore(str(tmp_path)).load().node_key is None
+    assert c.status()["state"] == "NeedsLogin"
+
+
+async def test_server_restart_with_new_key_is_followed(control, tmp_path):
+    c = ControlClient(f"http://127.0.0.1:{control.port}", StateStore(str(tmp_path)),
+                      hostname="me", auth_key="tskey-good")
+    c.backoff_min = 0.05
+    await run_until(c, lambda n: bool(n))
+    # the "restarted" server has a new Noise key; the cached one must be dropped on failure
+    control.key = MachinePrivate.generate()
+    control.responder = Responder(control.key)
+    streams = control.map_streams
+    nms = await run_until(c, lambda n: control.map_streams > streams and bool(n))
+    assert nms and c._server_key.raw == control.key.public().raw

@@ -290,6 +290,7 @@ class ControlClient:
                 raise
             except (OSError, asyncio.TimeoutError, ProtocolError, ValueError) as e:
                 self.failures += 1
+                self._server_key = None           # the server may have a new key after a restart
                 self.last_error = f"{type(e).__name__}: {e}"[:300]
                 log.warning("control: %s; retrying in %.0f s", self.last_error, backoff)
             finally:
@@ -298,14 +299,16 @@ class ControlClient:
             backoff = min(backoff * 2, self.backoff_max)
 
     async def logout(self) -> None:
-        if self.ident.node_key is not None:
-            try:
+        try:
+            if self.ident.node_key is not None:
                 conn = await self._connect()
                 await self._register(conn, expiry=msg.LOGOUT_EXPIRY, auth=False)
-            finally:
-                self._drop_conn()
-        self._store.clear_node(self.ident)
-        self._set_state("NeedsLogin")
+        finally:
+            # as Go: forget the node keys whatever the server said (or if it was unreachable)
+            self._drop_conn()
+            self._store.clear_node(self.ident)
+            self.netmap = None
+            self._set_state("NeedsLogin")
 
     # -- internals ------------------------------------------------------------------------
     def _set_state(self, s: str) -> None:
