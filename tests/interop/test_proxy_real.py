@@ -31,20 +31,6 @@ def proxy_daemon(wg_peer, tmp_path_factory):
     assert d.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def auth_daemon(wg_peer, tmp_path_factory):
-    conf = wg_peer.write_client_conf(dns=True)
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("authd")
-    pw = tmp / "pw"
-    pw.write_text("s3cret\n")
-    d = Daemon(str(tmp / "state"), ["--wg-config", conf, "--listen", f"127.0.0.1:{port}",
-                                    "--proxy-user", "alice", "--proxy-password-file", str(pw)]).start()
-    d.port = port
-    yield d
-    assert d.stop() == 0
-
-
 def curl(*args):
     if not shutil.which("curl"):
         if os.environ.get("CI") == "true":
@@ -80,17 +66,6 @@ def test_curl_big_download_through_socks_and_http(proxy_daemon):
         rc, out, err = curl(*args, f"http://{PEER_IP4}/bytes/{n}")
         assert rc == 0, err
         assert hashlib.sha256(out).hexdigest() == pattern_sha256(n)
-
-
-def test_curl_with_auth_real_peer(auth_daemon):
-    p = auth_daemon.port
-    url = f"http://{DNS_NAME}/"
-    assert curl("-x", f"socks5h://alice:s3cret@127.0.0.1:{p}", url)[1] == HELLO
-    assert curl("-x", f"http://127.0.0.1:{p}", "-U", "alice:s3cret", url)[1] == HELLO
-    assert curl("-x", f"http://127.0.0.1:{p}", "-U", "alice:s3cret", "-p", url)[1] == HELLO
-    assert curl("-x", f"socks5h://alice:nope@127.0.0.1:{p}", url)[0] != 0
-    rc, out, _ = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{p}", url)
-    assert out == b"407"
 
 
 def test_python_socks_echo_and_httpx(proxy_daemon):
@@ -183,3 +158,30 @@ def test_chromium_with_pac(proxy_daemon, tmp_path):
                               f"http://{PEER_IP4}/", "chromium-pac.png")
     assert b"hello from tsp-peer" in dom, err[-1500:]
     assert os.path.getsize(shot) > 1000
+
+
+@pytest.fixture
+def auth_daemon(wg_peer, tmp_path_factory):
+    """Last in this module: it shares the client key with proxy_daemon, so once it has
+    handshaken the peer talks to it and proxy_daemon would have to re-handshake."""
+    conf = wg_peer.write_client_conf(dns=True)
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("authd")
+    pw = tmp / "pw"
+    pw.write_text("s3cret\n")
+    d = Daemon(str(tmp / "state"), ["--wg-config", conf, "--listen", f"127.0.0.1:{port}",
+                                    "--proxy-user", "alice", "--proxy-password-file", str(pw)]).start()
+    d.port = port
+    yield d
+    assert d.stop() == 0
+
+
+def test_curl_with_auth_real_peer(auth_daemon):
+    p = auth_daemon.port
+    url = f"http://{DNS_NAME}/"
+    assert curl("-x", f"socks5h://alice:s3cret@127.0.0.1:{p}", url)[1] == HELLO
+    assert curl("-x", f"http://127.0.0.1:{p}", "-U", "alice:s3cret", url)[1] == HELLO
+    assert curl("-x", f"http://127.0.0.1:{p}", "-U", "alice:s3cret", "-p", url)[1] == HELLO
+    assert curl("-x", f"socks5h://alice:nope@127.0.0.1:{p}", url)[0] != 0
+    rc, out, _ = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{p}", url)
+    assert out == b"407"
