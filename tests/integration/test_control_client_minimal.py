@@ -478,3 +478,14 @@ async def test_server_restart_with_new_key_is_followed(control, tmp_path):
     streams = control.map_streams
     nms = await run_until(c, lambda n: control.map_streams > streams and bool(n))
     assert nms and c._server_key.raw == control.key.public().raw
+
+
+async def test_request_body_larger_than_one_h2_frame(control, tmp_path):
+    c = ControlClient(f"http://127.0.0.1:{control.port}", StateStore(str(tmp_path)),
+                      hostname="me", auth_key="tskey-good")
+    eps = [(f"192.0.2.{i % 250}", 1000 + i, 1) for i in range(1200)]
+    c._endpoints = eps
+    await run_until(c, lambda n: bool(n))
+    stream = [m for m in control.maps if m["Stream"]][0]
+    assert len(json.dumps(stream)) > 16384
+    assert len(stream["Endpoints"]) == 1200 and stream["Endpoints"][5] == "192.0.2.5:1005"

@@ -30,7 +30,8 @@ from tsproxy.control import messages as msg
 from tsproxy.control import wire
 from tsproxy.control.netmap import MapSession
 from tsproxy.control.noiseconn import ClientHandshake, NoiseConnection
-from tsproxy.errors import ConfigError, ProtocolError, RemoteProtocolError, TsproxyError
+from tsproxy.errors import (ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError,
+                            TsproxyError)
 from tsproxy.keys import MachinePublic, NodePrivate
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,13 @@ class NoiseH2:
                                    (":authority", self.authority), (":path", path),
                                    ("content-length", str(len(body))),
                                    ("user-agent", "tsproxy"), *headers])
-        self.h2.send_data(sid, body, end_stream=True)   # bodies are small (< 64 KiB window)
+        # request bodies are small JSON; they must fit the peer's initial window
+        if len(body) > self.h2.local_flow_control_window(sid):
+            raise LocalProtocolError("control request body exceeds the HTTP/2 window")
+        step = self.h2.max_outbound_frame_size
+        for off in range(0, len(body), step):
+            self.h2.send_data(sid, body[off:off + step])
+        self.h2.end_stream(sid)
         self._flush()
         resp = H2Response(self, sid, q)
         await resp._wait_headers()
