@@ -153,9 +153,13 @@ def test_chromium_through_socks5(proxy_daemon, tmp_path):
     assert os.path.getsize(shot) > 1000
 
 
-def test_chromium_with_pac(proxy_daemon, tmp_path):
+@pytest.mark.parametrize("host,shot", [(DNS_NAME, "chromium-pac-name.png"), (PEER_IP4, "chromium-pac-ip.png")])
+def test_chromium_with_pac(proxy_daemon, tmp_path, host, shot):
+    # neither the name (only the tunnel's DNS knows it) nor the peer's page at 100.64.0.2 (it
+    # lives in a namespace the host does not route to) is reachable DIRECT: the page only
+    # loads if the PAC sent the request through the proxy
     dom, shot, err = _run_chromium(tmp_path, [f"--proxy-pac-url=http://127.0.0.1:{proxy_daemon.port}/proxy.pac"],
-                              f"http://{PEER_IP4}/", "chromium-pac.png")
+                                   f"http://{host}/", shot)
     assert b"hello from tsp-peer" in dom, err[-1500:]
     assert os.path.getsize(shot) > 1000
 
