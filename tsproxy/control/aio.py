@@ -28,10 +28,10 @@ import h2.settings
 
 from tsproxy.control import messages as msg
 from tsproxy.control import wire
+from tsproxy.control.client import AuthKeyRejected, LoginFlow  # noqa: F401 (re-export)
 from tsproxy.control.netmap import MapSession
 from tsproxy.control.noiseconn import ClientHandshake, NoiseConnection
-from tsproxy.errors import (ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError,
-                            TsproxyError)
+from tsproxy.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from tsproxy.keys import MachinePublic, NodePrivate
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ WATCHDOG = 120.0
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 30.0
 READ_CHUNK = 65536
-
-
-class AuthKeyRejected(TsproxyError):
-    """The control server refused our auth key (one clear line; not retried)."""
 
 
 class ControlURL:
@@ -356,39 +352,23 @@ class ControlClient:
         return msg.parse_register_response(data)
 
     async def _login(self, conn: NoiseH2) -> None:
-        ident = self.ident
-        regen = ident.node_key is None or self._force_regen
-        for _ in range(8):
-            old = ident.node_key if regen else ident.old_node_key
-            new = NodePrivate.generate(self._rng) if regen else ident.node_key
-            r = await self._register(conn, node_key=new, old=old)
-            followup = ""
-            while r.auth_url and not r.error:
-                self.auth_url = r.auth_url
+        flow = LoginFlow(self.ident, auth_key=self._auth_key, force_regen=self._force_regen,
+                         rng=self._rng)
+        while not flow.done:
+            at = flow.next_attempt()
+            r = await self._register(conn, node_key=at.node_key, old=at.old_node_key,
+                                     followup=at.followup, auth=at.send_auth)
+            flow.on_response(r)
+            if flow.auth_url:
+                self.auth_url = flow.auth_url
                 self._set_state("NeedsLogin")
-                if r.auth_url != followup:
-                    self._on_auth_url(r.auth_url)
-                followup = r.auth_url
-                r = await self._register(conn, node_key=new, old=old, followup=followup,
-                                         auth=False)
-            if r.error:
-                if self._auth_key:
-                    raise AuthKeyRejected(f"control server rejected the auth key: "
-                                          f"{r.error[:200]}")
-                raise RemoteProtocolError(f"register: {r.error[:200]}")
-            if r.node_key_expired and not regen:
-                regen = True                      # server says: new node key, OldNodeKey set
-                continue
-            self.auth_url = ""
-            self._force_regen = False
-            if regen:
-                ident.old_node_key = old
-            ident.node_key = new
-            ident.login_name = r.login_name or ident.login_name
-            ident.user_id = r.user_id or ident.user_id
-            self._store.save(ident)
-            return
-        raise RemoteProtocolError("register: server keeps expiring our node key")
+                if flow.auth_url_changed:
+                    self._on_auth_url(flow.auth_url)
+                else:                             # same URL again: do not spin
+                    await asyncio.sleep(self.backoff_min)
+        self.auth_url = ""
+        self._force_regen = False
+        self._store.save(self.ident)
 
     async def _session(self) -> None:
         conn = await self._connect()
