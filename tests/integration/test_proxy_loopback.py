@@ -352,6 +352,7 @@ def test_socks5_bound_address_and_ipv6_request(env):
 
 
 def test_socks5_udp_associate(env):
+    base_fds, base_tasks = _fds(), env.task_count()
     s = _raw(env)
     s.sendall(b"\x05\x01\x00\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
     assert _recv_exact(s, 2) == b"\x05\x00"
@@ -369,8 +370,9 @@ def test_socks5_udp_associate(env):
     u.sendto(b"\x00\x00\x00\x03\x03web" + struct.pack("!H", env.udp_port) + b"q2", relay_addr)
     data, _ = u.recvfrom(4096)
     assert data == hdr + b"echo:q2"
-    s.close()
+    s.close()                              # closing the control connection ends the association
     u.close()
+    _settle(env, base_fds, base_tasks)
 
 
 # ---- hostile clients ---------------------------------------------------------------------------
@@ -482,3 +484,25 @@ def test_pac_served_and_routes_tailnet_only(env):
     assert f"SOCKS5 127.0.0.1:{env.port}" in pac
     assert 'dnsDomainIs(host, ".tail.example")' in pac
     assert '"100.64.0.0", "255.192.0.0"' in pac
+
+
+@pytest.mark.parametrize("payload,expect", [
+    (b"\x05\x01\x02\x01\x05alice\x05wrong", b"\x05\x02\x01\x01"),         # bad password
+    (b"\x05\x01\x02\x01\x03bob\x0as3cret pass", b"\x05\x02\x01\x01"),     # bad user
+    (b"\x05\x01\x00", b"\x05\xff"),                                      # no-auth offered only
+    (b"\x05\x01\x02\x02\x05alice", b"\x05\x02"),                         # wrong subnegotiation version
+    (b"GET http://web/ HTTP/1.1\r\nProxy-Authorization: Basic YWxpY2U6d3Jvbmc=\r\nConnection: close\r\n\r\n",
+     b"HTTP/1.1 407 Proxy Authentication Required"),
+])
+def test_bad_auth_answered_and_closed(authenv, payload, expect):
+    e = authenv
+    base_fds, base_tasks = _fds(), e.task_count()
+    s = _raw(e)
+    s.sendall(payload)
+    out = _closed_after(s)
+    s.close()
+    assert out.startswith(expect), out[:80]
+    if expect.startswith(b"HTTP"):
+        assert b'Proxy-Authenticate: Basic realm="tsproxy"' in out
+    assert e.proxy.counters["auth_failed"] + e.proxy.counters["bad_request"] >= 1
+    _settle(e, base_fds, base_tasks)
