@@ -506,3 +506,34 @@ def test_bad_auth_answered_and_closed(authenv, payload, expect):
         assert b'Proxy-Authenticate: Basic realm="tsproxy"' in out
     assert e.proxy.counters["auth_failed"] + e.proxy.counters["bad_request"] >= 1
     _settle(e, base_fds, base_tasks)
+
+
+def _drip(s, data):
+    import time
+    for i in range(len(data)):
+        s.sendall(data[i:i + 1])
+        time.sleep(0.002)
+
+
+def test_handshakes_byte_by_byte_and_pipelined(env):
+    req = b"\x05\x01\x00\x05\x01\x00\x03\x03web" + struct.pack("!H", env.echo_port)
+    s = _raw(env)
+    _drip(s, req)
+    assert _recv_exact(s, 12)[:4] == b"\x05\x00\x05\x00"
+    s.sendall(b"after")
+    assert _recv_exact(s, 5) == b"after"
+    s.close()
+    s = _raw(env)                                   # greeting + request + data in one segment
+    s.sendall(req + b"pipelined")
+    assert _recv_exact(s, 12 + 9)[12:] == b"pipelined"
+    s.close()
+    s = _raw(env)
+    _drip(s, b"\x04\x01" + struct.pack("!H", env.echo_port) + b"\0\0\0\x01\0web\0")
+    assert _recv_exact(s, 8)[:2] == b"\x00\x5a"
+    s.close()
+    s = _raw(env)
+    _drip(s, b"GET http://web:%d/ HTTP/1.1\r\nHost: web\r\n\r\n" % env.web_port)
+    s.sendall(b"GET http://web:%d/x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n" % env.web_port)
+    out = _closed_after(s)
+    s.close()
+    assert out.count(PAGE) == 2 and b"X-Seen-Path: /x" in out and out.count(b"HTTP/1.1 200") == 2
