@@ -374,3 +374,12 @@ def test_matches_go_client_capture():
         assert line in head
     hs = [x for x in head if x.startswith("X-Tailscale-Handshake: ")][0]
     assert len(hs.split(": ", 1)[1]) == 136
+
+
+def test_server_handshake_auth_failure_sends_no_error_text():
+    other = MachinePrivate(bytes(range(60, 92)))
+    client = ClientHandshake(CLIENT, other.public(), "h", rng=det_rng(95))
+    sh = ServerHandshake(ik.Responder(SERVER))
+    with pytest.raises(RemoteProtocolError, match="tag"):
+        sh.receive_data(client.request)
+    assert sh.data_to_send() == wire.UPGRADE_RESPONSE

@@ -28,6 +28,8 @@ _MAX_NONCE = (1 << 64) - 1      # "cipher exhausted": this counter value is neve
 _pack_nonce = NONCE_BE.pack
 _unpack_hdr = wire.RECORD_HEADER.unpack_from
 _pack_hdr = wire.RECORD_HEADER.pack
+_GO_FRAMING_ERRORS = ("wrong handshake initiation size", "unexpected handshake message type",
+                      "wrong handshake initiation length")
 
 
 class NoiseConnection:
@@ -233,8 +235,9 @@ class ServerHandshake:
         try:
             response, result = self._responder.respond(initiation)
         except RemoteProtocolError as exc:
-            # Go writes a type-3 message for framing errors after the 101.
-            self._out += build_error_message(str(exc))
+            # Go answers framing errors with a type-3 message; a failed decryption just closes.
+            if str(exc) in _GO_FRAMING_ERRORS:
+                self._out += build_error_message(str(exc))
             raise
         self.version = result.version
         self._out += response
