@@ -189,3 +189,40 @@ def test_curl_with_auth_real_peer(auth_daemon):
     assert curl("-x", f"socks5h://alice:nope@127.0.0.1:{p}", url)[0] != 0
     rc, out, _ = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{p}", url)
     assert out == b"407"
+
+
+def test_reverse_forward_from_the_peer_to_a_local_service(wg_peer, tmp_path):
+    """`--reverse TPORT:127.0.0.1:LPORT`: curl inside the peer's namespace fetches a page from a
+    web server on our loopback through 100.64.0.1:TPORT.  Runs after every proxy_daemon test
+    (same client key)."""
+    import http.server
+    import threading
+    from tsproxy.testing.wgpeer import CLIENT_IP4
+    body = os.urandom(16).hex().encode()
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    tport = 18000 + os.getpid() % 1000
+    # PersistentKeepalive makes us handshake first: until then the peer has no endpoint for us
+    conf = wg_peer.write_client_conf(keepalive=1)
+    d = Daemon(str(tmp_path / "rev"), ["--wg-config", conf, "--listen", "off",
+                                       "--reverse", f"{tport}:127.0.0.1:{srv.server_address[1]}"]).start()
+    try:
+        r = wg_peer.exec(["curl", "-sS", "--max-time", "20", f"http://{CLIENT_IP4}:{tport}/"],
+                         check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == body.decode()
+    finally:
+        assert d.stop() == 0
+        srv.shutdown()
+        srv.server_close()
