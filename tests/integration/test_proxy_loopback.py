@@ -537,3 +537,20 @@ def test_handshakes_byte_by_byte_and_pipelined(env):
     out = _closed_after(s)
     s.close()
     assert out.count(PAGE) == 2 and b"X-Seen-Path: /x" in out and out.count(b"HTTP/1.1 200") == 2
+
+
+def test_non_tailnet_direct_policy_dials_from_the_host():
+    e = Env(policy="direct")
+    try:
+        # 127.0.0.1 is not a tunnel address: with `direct` the host dials it itself
+        rc, out, err = curl("--socks5", f"127.0.0.1:{e.port}", f"http://127.0.0.1:{e.web_port}/")
+        assert rc == 0, err
+        assert out == PAGE and e.tailnet.opened == 0 and e.dialer.counters["dial_direct"] == 1
+        # a closed local port gives SOCKS5 0x05 connection refused
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        cport = closed.getsockname()[1]
+        closed.close()
+        assert _socks5_req(e, b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", cport))[1] == 0x05
+    finally:
+        e.close()

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tsproxy.errors import RemoteProtocolError
-from tsproxy.proxy import socks
+from tsproxy.proxy import socks5 as socks
 
 V4_REQ = b"\x05\x01\x00\x01" + socket.inet_aton("100.64.0.2") + struct.pack("!H", 80)
 V6_REQ = b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, "fd7a:115c:a1e0::2") + struct.pack("!H", 443)

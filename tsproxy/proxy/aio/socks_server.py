@@ -7,7 +7,7 @@ import ipaddress
 
 from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, HostUnreachable,
                             NetworkUnreachable, NotAllowed, RemoteProtocolError)
-from tsproxy.proxy import socks
+from tsproxy.proxy import socks5 as socks
 from tsproxy.proxy.aio.relay import relay
 
 MAX_HANDSHAKE = 1024
