@@ -554,3 +554,17 @@ def test_non_tailnet_direct_policy_dials_from_the_host():
         assert _socks5_req(e, b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", cport))[1] == 0x05
     finally:
         e.close()
+
+
+def test_http10_client_gets_dechunked_body_and_bad_upstream_gets_502(env):
+    s = _raw(env)
+    s.sendall(b"GET http://web:%d/chunked HTTP/1.0\r\n\r\n" % env.web_port)
+    out = _closed_after(s)
+    s.close()
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"\r\n\r\nalpha-beta-gamma")
+    assert b"Transfer-Encoding" not in out
+    # the TCP echo "server" answers with our own request line: not a status line -> 502
+    s = _raw(env)
+    s.sendall(b"GET http://web:%d/ HTTP/1.1\r\nHost: web\r\n\r\n" % env.echo_port)
+    assert _closed_after(s).startswith(b"HTTP/1.1 502")
+    s.close()

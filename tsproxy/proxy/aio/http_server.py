@@ -352,7 +352,13 @@ async def _dechunk(body: _Body, writer) -> None:
             pass
     while True:
         line = await body._line()
-        size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+        size_s = line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_s, 16)
+        except ValueError:
+            raise RemoteProtocolError("bad chunk size from upstream") from None
+        if size < 0 or len(size_s) > 16:
+            raise RemoteProtocolError("bad chunk size from upstream")
         if size == 0:
             while (await body._line()) not in (b"\r\n", b"\n"):
                 pass
