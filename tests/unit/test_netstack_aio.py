@@ -160,3 +160,25 @@ async def test_udp_endpoints():
         await asyncio.wait_for(ea.recvfrom(), 2)
     await a.aclose()
     await b.aclose()
+
+
+async def test_writer_resumes_when_an_ack_drains_the_whole_send_buffer():
+    """Regression: an ACK that empties the send buffer must still wake a parked writer.
+    Two-segment buffers make every delayed ACK drain it completely."""
+    a, b = await make_pair(snd_buf=2 * 1380)
+    done = asyncio.get_running_loop().create_future()
+
+    async def sink(reader, writer):
+        n = 0
+        while chunk := await reader.read(1 << 20):
+            n += len(chunk)
+        done.set_result(n)
+        writer.close()
+    await b.start_server(9, sink)
+    r, w = await a.open_connection("10.0.0.2", 9)
+    w.write(b"p" * 500_000)                 # almost all of it parks in the stream
+    await asyncio.wait_for(w.drain(), 10)
+    w.write_eof()
+    assert await asyncio.wait_for(done, 10) == 500_000
+    await a.aclose()
+    await b.aclose()

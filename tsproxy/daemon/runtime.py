@@ -253,6 +253,8 @@ class Daemon:
             return {"ok": True}
         if op == "dial":
             return await self._ipc_dial(req, reader, writer)
+        if op == "debug.tcp":
+            return {"ok": True, "connections": self._tcp_debug()}
         if op == "forward.list":
             return {"ok": True, "forwards": [fw.describe() for fw in self.forwards.values()]}
         if op == "forward.add":
@@ -316,6 +318,23 @@ class Daemon:
             "peers": peers,
             "counters": self._counters(),
         }
+
+    def _tcp_debug(self) -> list[dict]:
+        """Per-connection TCP internals for `tsproxy status --json`-style debugging."""
+        out = []
+        fields = ("state", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "cwnd", "ssthresh", "recovery",
+                  "recovery_point", "rtx_high", "high_sack", "sacked_bytes", "dupacks", "rto", "rto_at",
+                  "persist_at", "retries", "rcv_nxt", "ooo_bytes")
+        now = asyncio.get_running_loop().time()
+        for conn in list(self.netstack.stack.conns.values())[:100] if self.netstack else []:
+            d = {k: getattr(conn, k) for k in fields}
+            d["sndbuf"] = len(conn.sndbuf)
+            d["rcvbuf"] = len(conn.rcv_buf)
+            d["sacked"] = conn.sacked[:8]
+            d["now"] = now
+            d["sched"] = getattr(conn, "_sched", None)
+            out.append(d)
+        return out
 
     def _counters(self) -> dict:
         out = {}

@@ -549,7 +549,9 @@ class TcpConnection:
             self.rto_at = None
         else:
             self.rto_at = now + self.rto
-        if self.sndbuf or self.fin_queued:
+        # space was freed: a writer waiting for it must hear so even when the buffer is now
+        # empty (an ACK that drains everything is exactly when a parked writer can resume)
+        if data_acked > 0 or self.fin_queued:
             self._event(EV_WRITABLE, None)
 
     def _grow_cwnd(self, acked: int, now: float) -> None:
