@@ -164,6 +164,7 @@ class WgUdpTransport:
 
 def _bind(host: str | None, port: int) -> socket.socket:
     """Dual-stack when possible; an explicit IPv4 host gets a plain IPv4 socket."""
+    host = str(host) if host else None          # ipaddress objects welcome
     if host and ":" not in host:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         addr = (host, port)
