@@ -284,3 +284,16 @@ def test_transfer_across_two_rekeys_without_a_stall(fwd_daemon):
     assert n == size and h.hexdigest() == pattern_sha256(size)
     assert after - before >= 2, (before, after)
     assert max_gap < 1.0, max_gap
+
+
+def test_nc_pipes_stdin_stdout_through_the_daemon(fwd_daemon):
+    """`tsproxy nc HOST PORT` (ssh ProxyCommand style) against the peer's TCP echo server."""
+    data = os.urandom(3 * MB)
+    r = subprocess.run([sys.executable, "-m", "tsproxy", "nc", PEER_IP4, "7", "--state-dir", fwd_daemon.state_dir],
+                       input=data, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data
+    bad = subprocess.run([sys.executable, "-m", "tsproxy", "nc", PEER_IP4, "1", "--state-dir", fwd_daemon.state_dir],
+                         input=b"x", capture_output=True, timeout=60)
+    assert bad.returncode == 1
+    assert bad.stderr.decode().startswith(f"tsproxy: cannot connect to {PEER_IP4}:1:") and b"refused" in bad.stderr

@@ -338,9 +338,12 @@ class Daemon:
 
     def _counters(self) -> dict:
         out = {}
-        for prefix, obj in (("wg", self.device), ("udp", self.udp), ("netstack", self.netstack)):
-            for k, v in (getattr(obj, "counters", None) or {}).items():
-                out[f"{prefix}.{k}"] = v
+        sources = [("wg", self.device), ("udp", self.udp), ("netstack", self.netstack), ("dialer", self.dialer)]
+        sources += [(f"proxy.{kind}", srv) for kind, srv in self.servers]
+        for prefix, obj in sources:
+            for k, v in dict(getattr(obj, "counters", None) or {}).items():
+                if isinstance(v, (int, float)):
+                    out[f"{prefix}.{k}"] = out.get(f"{prefix}.{k}", 0) + v
         return out
 
 
