@@ -680,3 +680,19 @@ def test_receiver_sws_avoidance_small_reads_send_no_window_update():
     assert p.b.recv(1500, 1.2) == b"v" * 1500
     (upd,) = p.take("b")                            # 2 MSS opened: window update
     assert upd[2] == W.ACK and upd[3] == 2000
+
+
+def test_rto_resends_a_short_segment_short_and_the_transfer_recovers():
+    """Regression: the RTO used to resend a full MSS from SND.UNA although only a short
+    (window-limited) segment was outstanding; the peer then acked beyond SND.MAX and every
+    later ACK was ignored until the connection timed out."""
+    p = connect(Pair(b_kw={"rcv_cap": 640, "wscale": None}))
+    p.a.send(b"t" * 5000, 1.0)
+    (short,) = p.take("a")
+    assert len(short[5]) == 640
+    p.a.handle_timer(p.a.next_deadline())
+    (rtx,) = p.take("a")
+    assert rtx[0] == short[0] and len(rtx[5]) == 640 and p.a.snd_max - p.a.snd_una == 640
+    got = bytearray()
+    run(p, lambda: len(got) == 5000, 3.0, each=lambda now: got.extend(p.b.recv(1 << 20, now)), limit=60)
+    assert got == b"t" * 5000 and p.a.state == T.ESTABLISHED

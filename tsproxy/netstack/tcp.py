@@ -839,6 +839,8 @@ class TcpConnection:
         self._emit(seq, flags, payload)
         end = seq + n
         if retransmit:
+            if end > self.snd_max:                              # defensive: keep SND.MAX honest
+                self.snd_max = self.snd_nxt = end
             self.counters["tcp_retransmit"] = self.counters.get("tcp_retransmit", 0) + 1
             if self.rtt_seq is not None and seq < self.rtt_seq:
                 self.rtt_seq = None                             # Karn: this round is ambiguous
@@ -918,7 +920,9 @@ class TcpConnection:
         # retransmit the first segment (or the FIN)
         buf_end = self.buf_seq + len(self.sndbuf)
         if self.snd_una < buf_end:
-            n = min(self.mss, buf_end - self.snd_una)
+            # never past SND.MAX: a short segment (small window) is resent short, else the
+            # peer would ack bytes we think we never sent and we would ignore its ACKs
+            n = min(self.mss, buf_end - self.snd_una, self.snd_max - self.snd_una)
             self._send_range(self.snd_una, n, now, retransmit=True)
             self.rtx_high = self.snd_una + n
         elif self.fin_seq is not None:
