@@ -1,0 +1,109 @@
+"""wg/aio.py over real loopback UDP sockets, and the per-peer staging/rate limits."""
+
+import asyncio
+import ipaddress
+import socket
+import struct
+
+import pytest
+
+from tsproxy.keys import NodePrivate
+from tsproxy.wg import constants as C
+from tsproxy.wg.aio import WgUdpTransport
+from tsproxy.wg.device import WgDevice
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def ip4(src, dst, payload):
+    return struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
+                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + payload
+
+
+async def _pair(host):
+    loop = asyncio.get_running_loop()
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    a, b = WgDevice(ka, now=loop.time()), WgDevice(kb, now=loop.time())
+    got_a, got_b = [], []
+    ta = await WgUdpTransport.create(a, host=host, on_packets=got_a.extend)
+    tb = await WgUdpTransport.create(b, host=host, on_packets=got_b.extend)
+    a.add_peer(kb.public(), allowed_ips=[ipaddress.ip_network("10.0.0.2/32")], endpoint=(host, tb.port))
+    # b learns a's endpoint from the authenticated initiation (roaming)
+    b.add_peer(ka.public(), allowed_ips=[ipaddress.ip_network("10.0.0.1/32")])
+    return a, b, ta, tb, got_a, got_b
+
+
+async def _wait(cond, timeout=5.0):
+    end = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < end, "timed out"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_packets_cross_loopback_both_ways_in_order(host):
+    async def main():
+        a, b, ta, tb, got_a, got_b = await _pair(host)
+        try:
+            sent = [ip4("10.0.0.1", "10.0.0.2", i.to_bytes(4, "big") * 300) for i in range(400)]
+            for i in range(0, len(sent), 40):        # batches small enough for default rmem
+                ta.send_packets(sent[i:i + 40])
+                await _wait(lambda: len(got_b) >= i + 40)
+            assert got_b == sent
+            back = [ip4("10.0.0.2", "10.0.0.1", b"reply %d" % i) for i in range(20)]
+            tb.send_packets(back)
+            await _wait(lambda: len(got_a) == 20)
+            assert got_a == back
+            st = b.peer_status()[0]
+            assert st["endpoint"] == (host, ta.port)
+            assert ta.counters["tx_datagrams"] >= 401 and tb.counters["rx_datagrams"] >= 401
+        finally:
+            await ta.aclose()
+            await tb.aclose()
+    asyncio.run(main())
+
+
+def test_garbage_datagrams_are_counted_and_the_tunnel_keeps_working():
+    async def main():
+        a, b, ta, tb, got_a, got_b = await _pair("127.0.0.1")
+        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for d in (b"", b"\x01", b"\x04" + bytes(40), b"\x01" + bytes(147), b"\xff" * 200,
+                      b"\x02" + bytes(91), b"\x03" + bytes(63)):
+                junk.sendto(d, ("127.0.0.1", tb.port))
+            await _wait(lambda: b.counters["rx_datagrams"] >= 7)
+            dropped = sum(v for k, v in b.counters.items()
+                          if k.startswith(("rx_short", "rx_bad", "rx_unknown", "mac1_", "response_unexpected",
+                                            "cookie_invalid")))
+            assert dropped == 7
+            ta.send_packets([ip4("10.0.0.1", "10.0.0.2", b"still fine")])
+            await _wait(lambda: got_b)
+            assert got_b == [ip4("10.0.0.1", "10.0.0.2", b"still fine")]
+        finally:
+            junk.close()
+            await ta.aclose()
+            await tb.aclose()
+    asyncio.run(main())
+
+
+def test_staged_queue_is_bounded_and_initiations_rate_limited():
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    a = WgDevice(ka, now=0.0)
+    a.add_peer(kb.public(), allowed_ips=[ipaddress.ip_network("10.0.0.2/32")], endpoint=("192.0.2.2", 1))
+    n = C.MAX_STAGED_PACKETS + 10
+    for i in range(n):
+        assert a.send_packet(ip4("10.0.0.1", "10.0.0.2", i.to_bytes(4, "big")), 0.0)
+    out = a.datagrams_to_send()
+    assert len(out) == 1 and out[0][0][0] == 1            # one initiation, nothing in clear
+    assert a.peer_status()[0]["staged"] == C.MAX_STAGED_PACKETS
+    assert a.counters["tx_staged_dropped"] == 10
+    # retransmission is not earlier than REKEY_TIMEOUT, and never within 20 ms of the last one
+    a.handle_timer(0.010)
+    assert a.datagrams_to_send() == []
+    dl = a.next_deadline()
+    assert C.REKEY_TIMEOUT <= dl <= C.REKEY_TIMEOUT + 0.334
+    a.handle_timer(dl)
+    out = a.datagrams_to_send()
+    assert len(out) == 1 and out[0][0][0] == 1
+    a.handle_timer(dl + 0.005)
+    assert a.datagrams_to_send() == []
