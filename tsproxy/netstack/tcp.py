@@ -67,7 +67,7 @@ DEFAULT_BUF = 4 * 1024 * 1024
 DEFAULT_WSCALE = 7
 DEFAULT_MSL = 30.0
 PERSIST_MAX = 60.0
-MAX_SACKED_RANGES = 4096        # sender scoreboard entries (a peer SACKing every other byte)
+MAX_SACKED_RANGES = 512         # sender scoreboard entries: holes, not bytes (bounds per-ACK work)
 
 ACK = W.ACK
 FIN = W.FIN
