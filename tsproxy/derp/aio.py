@@ -1,0 +1,177 @@
+"""asyncio DERP connection: TCP (+TLS) + HTTP upgrade + DerpClient, reconnect with backoff.
+
+    conn = DerpConnection(url_or_node, node_private, on_packet=cb)   # cb(src: bytes, data: bytes)
+    task = asyncio.create_task(conn.run()); conn.send(dst, data); await conn.close()
+
+TLS: system CAs by default; `insecure=True` (InsecureForTests) skips verification; `cert_sha256`
+("sha256-raw:<hex>" pinning) checks the leaf's DER hash instead. Fast start (derpkey meta cert)
+is not implemented: we always read the 101 response and the ServerKey frame.
+"""
+import asyncio
+import hashlib
+import logging
+import random
+import ssl
+import time
+from collections import deque
+from urllib.parse import urlsplit
+
+from tsproxy.derp.client import DerpClient
+from tsproxy.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+MAX_SEND_QUEUE = 1024
+CONNECT_TIMEOUT = 10.0
+MAX_BACKOFF = 5.0
+
+
+def node_target(node: dict) -> tuple[str, str, int, bool, str | None]:
+    """DERPNode dict -> (dial host, server name, port, insecure, pinned sha256 hex or None)."""
+    host = node.get("IPv4") if node.get("IPv4") not in (None, "", "none") else None
+    host = host or (node.get("IPv6") if node.get("IPv6") not in (None, "", "none") else None)
+    host = host or node["HostName"]
+    cert = node.get("CertName", "")
+    pin = cert[len("sha256-raw:"):] if cert.startswith("sha256-raw:") else None
+    return host, node["HostName"], node.get("DERPPort") or 443, bool(node.get("InsecureForTests")), pin
+
+
+class DerpConnection:
+    def __init__(self, target, node_private, *, on_packet, on_event=None, preferred: bool = False,
+                 clock=time.monotonic):
+        """target: a URL ('http://h:p/derp' or 'https://...') or a DERPNode dict (always TLS)."""
+        if isinstance(target, str):
+            u = urlsplit(target)
+            self._tls = u.scheme == "https"
+            self._host = self._sni = u.hostname
+            self._port = u.port or (443 if self._tls else 80)
+            self._insecure, self._pin = False, None
+        else:
+            self._tls = True
+            self._host, self._sni, self._port, self._insecure, self._pin = node_target(target)
+        self._key = node_private
+        self._on_packet = on_packet
+        self._on_event = on_event
+        self._preferred = preferred
+        self._clock = clock
+        self._queue: deque = deque()
+        self._wake = asyncio.Event()
+        self._client: DerpClient | None = None
+        self._writer = None
+        self._closed = False
+        self.connected = asyncio.Event()
+        self.counters = {"connects": 0, "disconnects": 0, "send_queue_dropped": 0, "protocol_errors": 0}
+
+    def _ssl_context(self):
+        if not self._tls:
+            return None
+        ctx = ssl.create_default_context()
+        if self._insecure or self._pin:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def send(self, dst: bytes, data: bytes) -> bool:
+        """Queue one packet; False (counted) when the bounded queue is full."""
+        if len(self._queue) >= MAX_SEND_QUEUE:
+            self.counters["send_queue_dropped"] += 1
+            return False
+        self._queue.append((bytes(dst), bytes(data)))
+        self._wake.set()
+        return True
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._writer is not None:
+            self._writer.close()
+
+    def drop_connection(self) -> None:
+        """Close the current connection (tests / network change); run() reconnects."""
+        if self._writer is not None:
+            self._writer.close()
+
+    async def run(self) -> None:
+        backoff = 0.0
+        while not self._closed:
+            try:
+                await self._session()
+                backoff = 0.0
+            except (OSError, RemoteProtocolError, TimeoutError, asyncio.IncompleteReadError,
+                    ssl.SSLError) as e:
+                if isinstance(e, RemoteProtocolError):
+                    self.counters["protocol_errors"] += 1
+                log.debug("[derp %s:%s] connection lost: %s", self._host, self._port, e)
+            self.connected.clear()
+            if self._closed:
+                return
+            self.counters["disconnects"] += 1
+            backoff = min(MAX_BACKOFF, backoff * 2 or 0.1)
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+
+    async def _session(self) -> None:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(
+                self._host, self._port, ssl=self._ssl_context(),
+                server_hostname=(self._sni if self._tls else None))
+            self._writer = writer
+            try:
+                if self._pin:
+                    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                    if hashlib.sha256(der).hexdigest() != self._pin.lower():
+                        raise RemoteProtocolError("DERP server certificate does not match the pin")
+                writer.write(f"GET /derp HTTP/1.1\r\nHost: {self._sni}\r\nConnection: Upgrade\r\n"
+                             f"Upgrade: DERP\r\nUser-Agent: tsproxy\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = head.split(b"\r\n", 1)[0].split(b" ")
+                if len(status) < 2 or status[1] != b"101":
+                    raise RemoteProtocolError(f"DERP upgrade refused: {head[:40]!r}")
+            except BaseException:
+                writer.close()
+                raise
+        client = DerpClient(self._key, now=self._clock(), preferred=self._preferred)
+        self._client = client
+        self.counters["connects"] += 1
+        pump = asyncio.create_task(self._pump(client, writer))
+        try:
+            while True:
+                timeout = max(0.0, client.next_deadline() - self._clock())
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), timeout)
+                except TimeoutError:
+                    client.handle_timer(self._clock())
+                    continue
+                if not data:
+                    raise ConnectionResetError("DERP server closed the connection")
+                client.receive_data(data, self._clock())
+                out = client.data_to_send()
+                if out:
+                    writer.write(out)
+                while (ev := client.next_event()) is not None:
+                    if ev[0] == "packet":
+                        self._on_packet(ev[1], ev[2])
+                        continue
+                    if ev[0] == "connected":
+                        self.connected.set()
+                        self._wake.set()
+                    if self._on_event is not None:
+                        self._on_event(ev)
+        finally:
+            pump.cancel()
+            self._client = None
+            writer.close()
+
+    async def _pump(self, client: DerpClient, writer) -> None:
+        """Flush queued sends once the server has answered ClientInfo."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not client.connected:
+                continue
+            q = self._queue
+            while q:
+                dst, data = q.popleft()
+                client.send_packet(dst, data)
+            out = client.data_to_send()
+            if out:
+                writer.write(out)
+                await writer.drain()
