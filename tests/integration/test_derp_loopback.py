@@ -212,3 +212,29 @@ async def test_stun_responder_and_latency_helper():
         assert region["Nodes"][0]["DERPPort"] == srv.port and region["RegionID"] == 900
     finally:
         await srv.stop()
+
+
+async def test_two_regions_map_and_cross_region_isolation():
+    from tsproxy.testing.derp_server import derp_map
+    r1, r2 = TestDerpServer(tls=True, region_id=900), TestDerpServer(tls=True, region_id=901, stun_port=None)
+    await r1.start()
+    await r2.start()
+    try:
+        m = derp_map(r1, r2)
+        assert set(m["Regions"]) == {"900", "901"}
+        n2 = m["Regions"]["901"]["Nodes"][0]
+        assert n2 == {"Name": "901a", "RegionID": 901, "HostName": "127.0.0.1", "IPv4": "127.0.0.1",
+                      "IPv6": "none", "STUNPort": -1, "DERPPort": r2.port, "InsecureForTests": True,
+                      "STUNTestIP": "127.0.0.1"}
+        a = Node(m["Regions"]["900"]["Nodes"][0], preferred=True)
+        b = Node(n2)
+        await asyncio.wait_for(asyncio.gather(a.conn.connected.wait(), b.conn.connected.wait()), 10)
+        assert a.pub in r1.clients and r1.clients[a.pub].preferred
+        assert b.pub in r2.clients and not r2.clients[b.pub].preferred
+        a.conn.send(b.pub, b"TS\xf0\x9f\x92\xac" + bytes(70))  # b lives in another region
+        assert await a.next_event("peer_gone") == ("peer_gone", b.pub, 1)
+        await a.stop()
+        await b.stop()
+    finally:
+        await r1.stop()
+        await r2.stop()

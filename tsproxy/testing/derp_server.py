@@ -22,7 +22,7 @@ from tsproxy.disco.wire import MAGIC as DISCO_MAGIC
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_HEAD = 16 << 10
-QUEUE_DEPTH = 32
+MAX_DEST_BUFFER = 2 << 20  # bytes queued toward one slow client before we drop (Go: 32-deep queues)
 
 
 def make_self_signed(host: str) -> tuple[bytes, bytes]:
@@ -47,6 +47,11 @@ def make_self_signed(host: str) -> tuple[bytes, bytes]:
     return (cert.public_bytes(serialization.Encoding.PEM),
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))
+
+
+def derp_map(*servers: "TestDerpServer") -> dict:
+    """The DERPMap JSON dict for one or more started test servers (one region each)."""
+    return {"Regions": {str(s.region_id): s.derp_map_region() for s in servers}}
 
 
 class _Conn:
@@ -86,7 +91,7 @@ class TestDerpServer:
         self.clients: dict[bytes, _Conn] = {}
         self.seen_client_infos: list[tuple[bytes, dict]] = []
         self.counters = {k: 0 for k in ("accepted", "packets_forwarded", "packets_dropped", "bad_clients",
-                                         "stun_requests", "stun_bad")}
+                                         "stun_requests", "stun_bad", "packets_dropped_queue_full")}
         self._server = None
         self._stun_transport = None
         self._tasks: set[asyncio.Task] = set()
@@ -262,6 +267,9 @@ class TestDerpServer:
                     conn.writer.write(wire.build_peer_gone(dst, wire.PEER_GONE_NOT_HERE))
                 return
             conn.sent_to.add(dst)
+            if d.writer.transport.get_write_buffer_size() > MAX_DEST_BUFFER:
+                self.counters["packets_dropped_queue_full"] += 1
+                return
             self.counters["packets_forwarded"] += 1
             d.writer.write(wire.build_recv_packet(conn.key, p[32:]))
         elif ftype == wire.NOTE_PREFERRED:
