@@ -238,3 +238,27 @@ async def test_two_regions_map_and_cross_region_isolation():
     finally:
         await r1.stop()
         await r2.stop()
+
+
+async def test_send_queue_is_bounded_and_flushed_on_connect():
+    from tsproxy.derp.aio import MAX_SEND_QUEUE
+    srv = TestDerpServer()
+    await srv.start()
+    b = Node(srv.url)
+    await asyncio.wait_for(b.conn.connected.wait(), 10)
+    a_key = NodePrivate.generate()
+    a = DerpConnection(srv.url, a_key, on_packet=lambda s, d: None)
+    try:
+        for i in range(MAX_SEND_QUEUE):
+            assert a.send(b.pub, i.to_bytes(4, "big"))
+        assert not a.send(b.pub, b"overflow") and a.counters["send_queue_dropped"] == 1
+        task = asyncio.create_task(a.run())
+        got = [await asyncio.wait_for(b.got.get(), 10) for _ in range(MAX_SEND_QUEUE)]
+        assert [int.from_bytes(d, "big") for _, d in got] == list(range(MAX_SEND_QUEUE))
+        assert all(s == a_key.public().raw for s, _ in got)
+    finally:
+        await a.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await b.stop()
+        await srv.stop()

@@ -95,12 +95,13 @@ class DerpConnection:
         while not self._closed:
             try:
                 await self._session()
-                backoff = 0.0
             except (OSError, RemoteProtocolError, TimeoutError, asyncio.IncompleteReadError,
                     ssl.SSLError) as e:
                 if isinstance(e, RemoteProtocolError):
                     self.counters["protocol_errors"] += 1
                 log.debug("[derp %s:%s] connection lost: %s", self._host, self._port, e)
+            if self.connected.is_set():
+                backoff = 0.0  # the last session worked: retry quickly
             self.connected.clear()
             if self._closed:
                 return
@@ -174,4 +175,8 @@ class DerpConnection:
             out = client.data_to_send()
             if out:
                 writer.write(out)
-                await writer.drain()
+                try:
+                    await writer.drain()
+                except OSError:
+                    writer.close()  # the read loop sees EOF and run() reconnects
+                    return

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import ssl
 import tempfile
 
@@ -283,5 +284,5 @@ class TestDerpServer:
 
     async def _keepalive(self, writer):
         while True:
-            await asyncio.sleep(self.keepalive)
+            await asyncio.sleep(self.keepalive * (1 + random.random() / 12))  # Go: 60 s + [0, 5 s)
             writer.write(wire.build_frame(wire.KEEP_ALIVE))
