@@ -262,3 +262,52 @@ async def test_send_queue_is_bounded_and_flushed_on_connect():
         await asyncio.gather(task, return_exceptions=True)
         await b.stop()
         await srv.stop()
+
+
+async def test_server_survives_hostile_frames_from_one_client():
+    import random as _random
+    srv = TestDerpServer()
+    await srv.start()
+    a, b = Node(srv.url), Node(srv.url)
+    rnd = _random.Random(1234)
+    try:
+        await asyncio.wait_for(asyncio.gather(a.conn.connected.wait(), b.conn.connected.wait()), 10)
+        for round_ in range(30):
+            client = a.conn._client
+            if client is None or not a.conn.connected.is_set():
+                await asyncio.wait_for(a.conn.connected.wait(), 10)
+                continue
+            t = rnd.choice([4, 7, 0x12, 0x10, 0x11, 0x0a, 0x33])
+            a.conn._writer.write(wire.build_frame(t, rnd.randbytes(rnd.randrange(0, 40))))
+            await asyncio.sleep(0.01)
+        b2 = Node(srv.url)
+        await asyncio.wait_for(b2.conn.connected.wait(), 10)
+        for _ in range(50):
+            if b2.pub in srv.clients:
+                break
+            await asyncio.sleep(0.05)
+        b.conn.send(b2.pub, b"still serving")
+        assert await asyncio.wait_for(b2.got.get(), 10) == (b.pub, b"still serving")
+        await b2.stop()
+    finally:
+        await a.stop()
+        await b.stop()
+        await srv.stop()
+
+
+async def test_mesh_frame_without_mesh_key_closes_only_that_client():
+    srv = TestDerpServer()
+    await srv.start()
+    a, b = Node(srv.url), Node(srv.url)
+    try:
+        await asyncio.wait_for(asyncio.gather(a.conn.connected.wait(), b.conn.connected.wait()), 10)
+        a.conn._writer.write(wire.build_frame(wire.WATCH_CONNS))
+        for _ in range(100):
+            if a.conn.counters["connects"] >= 2 and a.conn.connected.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert a.conn.counters["connects"] == 2 and b.conn.counters["connects"] == 1
+    finally:
+        await a.stop()
+        await b.stop()
+        await srv.stop()

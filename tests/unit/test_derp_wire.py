@@ -161,3 +161,22 @@ def test_client_hypothesis(data):
         c.receive_data(data, 0.0)
     except RemoteProtocolError:
         pass
+
+
+_frames = st.lists(st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 0x12, 0x13, 0x14, 0x15, 0x42]),
+                             st.binary(max_size=80)), max_size=8)
+
+
+@given(_frames)
+def test_client_hypothesis_structured_frames(frames):
+    """Well-framed but arbitrary frames: events or RemoteProtocolError, nothing else."""
+    srv = FakeServer()
+    c = DerpClient(NodePrivate.generate(), now=0.0)
+    _handshake(c, srv)
+    stream = b"".join(wire.build_frame(t, p) for t, p in frames)
+    try:
+        c.receive_data(stream, 1.0)
+    except RemoteProtocolError:
+        return
+    while (e := c.next_event()) is not None:
+        assert e[0] in {"packet", "peer_gone", "peer_present", "health", "restarting", "pong", "connected"}

@@ -277,6 +277,8 @@ class TestDerpServer:
             if len(p) != 1:
                 raise ValueError("bad NotePreferred")
             conn.preferred = p == b"\x01"
+        elif ftype in (wire.FORWARD_PACKET, wire.WATCH_CONNS, wire.CLOSE_PEER):
+            raise ValueError("mesh frame without a mesh key")  # Go closes the connection too
         elif ftype == wire.PING:
             if len(p) < 8:
                 raise ValueError("short Ping")
