@@ -59,10 +59,10 @@ def parse_echo_reply(pkt: bytes):
     return None
 
 
-async def _ping_through(peer, packets_and_expect):
+async def _ping_through(peer, packets_and_expect, psk=None):
     loop = asyncio.get_running_loop()
     dev = WgDevice(peer.client_key, now=loop.time())
-    dev.add_peer(peer.key.public(), endpoint=(str(peer.veth_ip), WG_PORT),
+    dev.add_peer(peer.key.public(), endpoint=(str(peer.veth_ip), WG_PORT), preshared_key=psk,
                  allowed_ips=[ipaddress.ip_network("100.64.0.0/10"),
                               ipaddress.ip_network("fd7a:115c:a1e0::/48")])
     got: asyncio.Queue = asyncio.Queue()
@@ -101,3 +101,43 @@ def test_handshake_and_icmp_echo_v4_v6(wg_peer):
     assert dump[ours]["latest_handshake"] > 0
     assert dump[ours]["endpoint"] == f"{wg_peer.root_ip}:{port}"
     assert dump[ours]["rx"] > 0 and dump[ours]["tx"] > 0
+
+
+def test_preshared_key_handshake_with_wireguard_go(wg_peer):
+    """Runs after the test above: a fresh device with a PSK both sides know."""
+    psk = os.urandom(32)
+    wg_peer.set_psk(psk)
+    payload = os.urandom(100)
+    case = [(icmp4_echo(CLIENT_IP4, PEER_IP4, 0x5151, 3, payload), (PEER_IP4, 0, 0x5151, 3, payload))]
+    dev, _port, replies = asyncio.run(_ping_through(wg_peer, case, psk=psk))
+    assert len(replies) == 1 and dev.counters["handshake_completed"] == 1
+
+
+def test_wrong_preshared_key_never_completes(wg_peer):
+    wg_peer.set_psk(os.urandom(32))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        dev = WgDevice(wg_peer.client_key, now=loop.time())
+        dev.add_peer(wg_peer.key.public(), endpoint=(str(wg_peer.veth_ip), WG_PORT),
+                     preshared_key=os.urandom(32), allowed_ips=[ipaddress.ip_network("100.64.0.0/10")])
+        got = []
+        t = await WgUdpTransport.create(dev, host=wg_peer.root_ip, on_packets=got.extend)
+        try:
+            t.send_packets([icmp4_echo(CLIENT_IP4, PEER_IP4, 1, 1, b"x" * 8)])
+            # Observed: right after the earlier tests' sessions wireguard-go sometimes leaves the
+            # first initiation unanswered (cause not found); our REKEY_TIMEOUT retransmit (5 s)
+            # then gets the response, so allow for one retransmission.
+            for _ in range(1300):
+                if dev.counters["handshake_decrypt_failed"]:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            return dev, got
+        finally:
+            await t.aclose()
+
+    dev, got = asyncio.run(main())
+    assert dev.counters["rx_response"] >= 1, dev.counters  # wireguard-go answered ...
+    assert dev.counters["handshake_decrypt_failed"] >= 1  # ... and the response did not open
+    assert dev.counters["handshake_completed"] == 0 and got == []

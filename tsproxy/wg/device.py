@@ -150,9 +150,10 @@ class WgDevice:
             if peer.wants_rekey_on_send(kp, now):
                 self._initiate(peer, now)
             return True
-        if not peer.stage(packet):
+        if peer.stage(packet):
+            self.counters["tx_staged"] += 1
+        else:                                        # oldest staged packet made room
             self.counters["tx_staged_dropped"] += 1
-        self.counters["tx_staged"] += 1
         self._initiate(peer, now)
         return True
 
