@@ -133,3 +133,44 @@ async def test_ipc_round_trip_and_bad_requests(tmp_path):
     assert not os.path.exists(path)
     with pytest.raises(ipc.DaemonNotRunning):
         ipc.call(path, {"op": "status"})
+
+
+def _valid_conf(tmp_path):
+    from tsproxy.keys import NodePrivate
+    conf = tmp_path / "wg0.conf"
+    conf.write_text(f"[Interface]\nPrivateKey = {NodePrivate.generate().b64()}\nAddress = 100.64.0.1/32\n"
+                    f"[Peer]\nPublicKey = {NodePrivate.generate().public().b64()}\nAllowedIPs = 100.64.0.0/10\n")
+    return str(conf)
+
+
+@pytest.mark.parametrize("listen,ok", [("127.0.0.1:1055", True), ("[::1]:1055", True), ("localhost:1055", True),
+                                       ("0.0.0.0:1055", False), ("[::]:1055", False), ("10.1.2.3:1055", False)])
+def test_open_proxy_on_a_public_address_is_refused(tmp_path, listen, ok):
+    from tsproxy.daemon import runtime
+    flags = {"wg_config": _valid_conf(tmp_path), "listen": listen, "state_dir": str(tmp_path / "s")}
+    if ok:
+        assert runtime.prepare(options.merge(flags, {"XDG_CONFIG_HOME": str(tmp_path)})).listeners
+    else:
+        with pytest.raises(ConfigError, match="refusing to serve an open proxy"):
+            runtime.prepare(options.merge(flags, {"XDG_CONFIG_HOME": str(tmp_path)}))
+        # credentials, or the explicit flag, make it acceptable
+        pw = tmp_path / "pw"
+        pw.write_text("s3cret\n")
+        p = runtime.prepare(options.merge({**flags, "proxy_user": "u", "proxy_password_file": str(pw)},
+                                          {"XDG_CONFIG_HOME": str(tmp_path)}))
+        assert p.proxy_password == "s3cret"
+        assert runtime.prepare(options.merge({**flags, "allow_public_without_auth": True},
+                                             {"XDG_CONFIG_HOME": str(tmp_path)})).listeners
+
+
+def test_password_file_errors_never_show_the_password(tmp_path):
+    from tsproxy.daemon import runtime
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    flags = {"wg_config": _valid_conf(tmp_path), "proxy_user": "u", "proxy_password_file": str(empty),
+             "state_dir": str(tmp_path / "s")}
+    with pytest.raises(ConfigError, match="password file is empty"):
+        runtime.prepare(options.merge(flags, {"XDG_CONFIG_HOME": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="cannot read the proxy password file"):
+        runtime.prepare(options.merge({**flags, "proxy_password_file": str(tmp_path / "missing")},
+                                      {"XDG_CONFIG_HOME": str(tmp_path)}))
