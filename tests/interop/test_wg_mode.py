@@ -5,6 +5,7 @@ import asyncio
 import hashlib
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,22 @@ from tsproxy.testing.wgpeer import PEER_IP4, PEER_IP6
 pytestmark = pytest.mark.interop
 
 MB = 1_000_000
+_extra_ips = iter(range(10, 250))
+
+
+def own_client_conf(wg_peer, path, extra_peers=""):
+    """A config with its own key and tunnel address: two daemons sharing one key would steal
+    the peer's session from each other (the peer roams to whoever handshook last)."""
+    from tsproxy.keys import NodePrivate
+    key, n = NodePrivate.generate(), next(_extra_ips)
+    ip4, ip6 = f"100.64.0.{n}", f"fd7a:115c:a1e0::{n:x}"
+    wg_peer.add_client(key.public().b64(), ip4, ip6)
+    text = wg_peer.client_conf(extra_peers=extra_peers)
+    text = text.replace(f"PrivateKey = {wg_peer.client_key.b64()}", f"PrivateKey = {key.b64()}")
+    text = re.sub(r"Address = .*", f"Address = {ip4}/32, {ip6}/128", text)
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path), ip4
 
 
 def fetch_sha256(port: int, path: str, timeout: float = 120) -> tuple[str, int]:
@@ -165,9 +182,7 @@ def test_garbage_datagrams_are_dropped_and_counted(fwd_daemon):
 def test_unreachable_peer_fails_cleanly_while_others_work(wg_peer, daemon_factory):
     dead = __import__("tsproxy.keys", fromlist=["NodePrivate"]).NodePrivate.generate().public().b64()
     extra = f"\n[Peer]\nPublicKey = {dead}\nEndpoint = {wg_peer.veth_ip}:51999\nAllowedIPs = 10.77.0.0/24\n"
-    conf = os.path.join(wg_peer.workdir, "two-peers.conf")
-    with open(conf, "w") as f:
-        f.write(wg_peer.client_conf(extra_peers=extra))
+    conf, _ = own_client_conf(wg_peer, os.path.join(wg_peer.workdir, "two-peers.conf"), extra)
     good, bad = free_port(), free_port()
     d = daemon_factory(["--wg-config", conf, "--listen", "off",
                         "--forward", f"{good}:{PEER_IP4}:80", "--forward", f"{bad}:10.77.0.5:80"])
@@ -194,7 +209,7 @@ def test_unreachable_peer_fails_cleanly_while_others_work(wg_peer, daemon_factor
 
 
 def test_forward_port_in_use_is_refused_with_a_clear_error(wg_peer, tmp_path):
-    conf = wg_peer.write_client_conf(str(tmp_path / "c.conf"))
+    conf, _ = own_client_conf(wg_peer, tmp_path / "c.conf")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -218,7 +233,7 @@ def test_config_error_exits_1_with_one_line(tmp_path):
 
 
 def test_detached_up_status_and_down(wg_peer, tmp_path):
-    conf = wg_peer.write_client_conf(str(tmp_path / "c.conf"))
+    conf, my_ip = own_client_conf(wg_peer, tmp_path / "c.conf")
     port = free_port()
     state = str(tmp_path / "state")
     base = [sys.executable, "-m", "tsproxy"]
@@ -226,7 +241,7 @@ def test_detached_up_status_and_down(wg_peer, tmp_path):
                                "--state-dir", state], capture_output=True, text=True, timeout=60)
     try:
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith("tsproxy is up: 100.64.0.1, fd7a:115c:a1e0::1")
+        assert r.stdout.startswith(f"tsproxy is up: {my_ip}, fd7a:115c:a1e0::")
         assert f"127.0.0.1:{port}->{PEER_IP4}:80" in r.stdout
         assert oct(os.stat(state).st_mode & 0o777) == "0o700"
         again = subprocess.run(base + ["up", "--wg-config", conf, "--listen", "off", "--state-dir", state],
