@@ -312,3 +312,22 @@ def test_nc_pipes_stdin_stdout_through_the_daemon(fwd_daemon):
                          input=b"x", capture_output=True, timeout=60)
     assert bad.returncode == 1
     assert bad.stderr.decode().startswith(f"tsproxy: cannot connect to {PEER_IP4}:1:") and b"refused" in bad.stderr
+
+
+def test_forward_add_list_remove_on_the_running_daemon(fwd_daemon):
+    base = [sys.executable, "-m", "tsproxy", "forward", "--state-dir", fwd_daemon.state_dir]
+    port = free_port()
+    r = subprocess.run(base + [f"{port}:{PEER_IP4}:80"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == f"127.0.0.1:{port} -> {PEER_IP4}:80", r.stderr
+    assert fetch_sha256(port, "/bytes/5000")[1] == 5000
+    listed = subprocess.run(base + ["--list"], capture_output=True, text=True, timeout=30).stdout
+    assert f"127.0.0.1:{port} -> {PEER_IP4}:80" in listed
+    dup = subprocess.run(base + [f"{port}:{PEER_IP4}:80"], capture_output=True, text=True, timeout=30)
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    bad = subprocess.run(base + ["nonsense"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1 and "must look like" in bad.stderr
+    rm = subprocess.run(base + ["--remove", str(port)], capture_output=True, text=True, timeout=30)
+    assert rm.returncode == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert f"127.0.0.1:{port}" not in subprocess.run(base + ["--list"], capture_output=True, text=True).stdout
