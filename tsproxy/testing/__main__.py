@@ -1,0 +1,86 @@
+"""python -m tsproxy.testing serve --listen ADDR: a whole test tailnet back end in one process.
+
+Starts the test control server and one or more test DERP servers (TLS with a self-signed
+certificate that Go nodes accept through InsecureForTests, plus STUN), prints one JSON line on
+stdout (control_url, auth keys, DERP URLs) and serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from tsproxy.testing.control import TestControlServer
+from tsproxy.testing.derp_server import TestDerpServer, derp_map
+
+
+def _split_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def serve(args) -> int:
+    host, port = args.listen
+    derps = []
+    for i in range(args.derp_regions):
+        d = TestDerpServer(host=host, port=args.derp_port + i if args.derp_port else 0, tls=True,
+                           stun_port=0, region_id=900 + i)
+        await d.start()
+        derps.append(d)
+    dmap = derp_map(*derps) if derps else {"Regions": {}}
+    ctl = TestControlServer(host, port, derp_map=dmap, domain=args.domain,
+                            keepalive=args.keepalive)
+    await ctl.start()
+    reusable = ctl.create_auth_key(reusable=True)
+    ephemeral = ctl.create_auth_key(reusable=True, ephemeral=True)
+    tagged = ctl.create_auth_key(reusable=True, tags=["tag:test"])
+    one_off = ctl.create_auth_key()
+    info = {"control_url": ctl.url, "auth_key": reusable.key,
+            "ephemeral_auth_key": ephemeral.key, "tagged_auth_key": tagged.key,
+            "single_use_auth_key": one_off.key, "domain": args.domain,
+            "derp_url": derps[0].url if derps else None,
+            "derp_regions": {str(d.region_id): {"url": d.url, "stun": list(d.stun_addr or ())}
+                             for d in derps}}
+    print(json.dumps(info), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await ctl.stop()
+    for d in derps:
+        await d.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tsproxy.testing",
+                                 description="Test servers for tsproxy and other Tailscale clients.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run a test control server and DERP relay until killed")
+    s.add_argument("--listen", type=_split_listen, default=("127.0.0.1", 0),
+                   help="control server address HOST:PORT (port 0 picks one; default 127.0.0.1:0)")
+    s.add_argument("--derp-regions", type=int, default=1,
+                   help="number of DERP regions (ids 900, 901, ...; 0 for none)")
+    s.add_argument("--derp-port", type=int, default=0, help="first DERP TLS port (default: any)")
+    s.add_argument("--domain", default="tailnet.test", help="MagicDNS suffix")
+    s.add_argument("--keepalive", type=float, default=50.0, help="map keep-alive interval (s)")
+    s.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        stream=sys.stderr)
+    try:
+        return asyncio.run(serve(args))
+    except OSError as e:
+        print(f"tsproxy.testing: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Netmaps for the test control server: the full first message of a stream and the deltas after it.
+
+`StreamView` remembers what one map stream was last sent and turns the registry's current
+state into the smallest message that brings the client up to date, using every delta kind a
+real server uses (PROTOCOL.md 3.7, 3.14, 3.17):
+
+  new or reshaped peer        -> PeersChanged (full node)
+  peer gone                   -> PeersRemoved
+  endpoints/DERP/keys/expiry  -> PeersChangedPatch
+  online flag / last seen     -> OnlineChange / PeerSeenChange
+  self, filter, DNS, DERP map -> Node, PacketFilter, DNSConfig, DERPMap
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from tsproxy.testing.control.registry import NodeRecord, Registry
+
+ZERO_TIME = "0001-01-01T00:00:00Z"
+ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+_PATCH_FIELDS = {"Endpoints": "Endpoints", "HomeDERP": "DERPRegion", "DiscoKey": "DiscoKey",
+                 "Key": "Key", "KeyExpiry": "KeyExpiry", "Cap": "Cap"}
+_ONLINE_FIELDS = {"Online", "LastSeen"}
+
+
+def format_time(t: float | None) -> str:
+    if t is None:
+        return ZERO_TIME
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def node_json(n: NodeRecord, *, self_view: bool = False) -> dict:
+    addrs = [n.ipv4 + "/32", n.ipv6 + "/128"]
+    out = {
+        "ID": n.id, "StableID": n.stable_id, "Name": n.name, "User": n.user_id,
+        "Key": n.node_key, "KeyExpiry": format_time(n.key_expiry), "Machine": n.machine,
+        "DiscoKey": n.disco_key or "discokey:" + "0" * 64,
+        "Addresses": addrs, "AllowedIPs": addrs, "Endpoints": list(n.endpoints),
+        "HomeDERP": n.home_derp, "Hostinfo": n.hostinfo or {"Hostname": n.hostname},
+        "Created": format_time(n.created), "Cap": n.cap, "MachineAuthorized": True,
+    }
+    if n.tags:
+        out["Tags"] = list(n.tags)
+    if not self_view:
+        out["Online"] = n.online
+        if not n.online and n.last_seen is not None:
+            out["LastSeen"] = format_time(n.last_seen)
+    else:
+        out["CapMap"] = {"https://tailscale.com/cap/is-admin": None}
+    return out
+
+
+class StreamView:
+    """What one streaming client has been sent so far."""
+
+    def __init__(self, node_id: int):
+        self.node_id = node_id
+        self.peers: dict[int, dict] = {}
+        self.self_json: dict | None = None
+        self.filter = None
+        self.dns = None
+        self.derp = None
+        self.sent_full = False
+
+    def _peer_jsons(self, reg: Registry) -> dict[int, dict]:
+        return {nid: node_json(n) for nid, n in sorted(reg.nodes.items()) if nid != self.node_id}
+
+    def full(self, reg: Registry, *, derp_map: dict, packet_filter: list, dns: dict,
+             now: float) -> dict:
+        me = reg.nodes[self.node_id]
+        self.self_json = node_json(me, self_view=True)
+        self.peers = self._peer_jsons(reg)
+        self.filter, self.dns, self.derp = packet_filter, dns, derp_map
+        self.sent_full = True
+        msg = {"Node": self.self_json, "DERPMap": derp_map, "Domain": reg.domain,
+               "CollectServices": False, "DNSConfig": dns, "PacketFilter": packet_filter,
+               "UserProfiles": list(reg.users.values()), "ControlTime": format_time(now)}
+        if self.peers:
+            msg["Peers"] = list(self.peers.values())
+        return msg
+
+    def delta(self, reg: Registry, *, derp_map: dict, packet_filter: list, dns: dict,
+              now: float) -> dict | None:
+        """The update since the last message, or None when nothing changed for this client."""
+        me = reg.nodes.get(self.node_id)
+        if me is None:
+            return None
+        msg: dict = {}
+        sj = node_json(me, self_view=True)
+        if sj != self.self_json:
+            msg["Node"] = self.self_json = sj
+        if packet_filter != self.filter:
+            msg["PacketFilter"] = self.filter = packet_filter
+        if dns != self.dns:
+            msg["DNSConfig"] = self.dns = dns
+        if derp_map != self.derp:
+            msg["DERPMap"] = self.derp = derp_map
+        new = self._peer_jsons(reg)
+        removed = [nid for nid in self.peers if nid not in new]
+        changed, patches, online, seen = [], [], {}, {}
+        for nid, pj in new.items():
+            old = self.peers.get(nid)
+            if old is None:
+                changed.append(pj)
+                continue
+            diff = {k for k in set(old) | set(pj) if old.get(k) != pj.get(k)}
+            if not diff:
+                continue
+            if diff <= _ONLINE_FIELDS:
+                if "Online" in diff:
+                    online[str(nid)] = bool(pj.get("Online"))
+                if "LastSeen" in diff:
+                    seen[str(nid)] = "LastSeen" in pj
+            elif diff <= set(_PATCH_FIELDS):
+                patch = {"NodeID": nid}
+                for k in diff:
+                    patch[_PATCH_FIELDS[k]] = pj[k]
+                patches.append(patch)
+            else:
+                changed.append(pj)
+        self.peers = new
+        if removed:
+            msg["PeersRemoved"] = removed
+        if changed:
+            msg["PeersChanged"] = changed
+        if patches:
+            msg["PeersChangedPatch"] = patches
+        if online:
+            msg["OnlineChange"] = online
+        if seen:
+            msg["PeerSeenChange"] = seen
+        if not msg:
+            return None
+        msg["ControlTime"] = format_time(now)
+        return msg

@@ -1,0 +1,521 @@
+"""Test control server: TS2021 (Noise IK + HTTP/2) speaking the server side of PROTOCOL.md 2-4, 9.
+
+    srv = TestControlServer(host="127.0.0.1", derp_map=derp_map(derp_server))
+    await srv.start()
+    key = srv.create_auth_key(reusable=True).key
+    ... clients use srv.url ...
+    await srv.stop()
+
+HTTP/1.1 on the listener:
+    GET  /key?v=N          the server's Noise public key (JSON)
+    POST /ts2021           upgrade to Noise, then HTTP/2 with /machine/register and /machine/map
+    GET  /register/<id>    the AuthURL page of an interactive login; POST it to approve
+    GET  /generate_204     204 (Go's captive-portal probe, pointed here by TS_NETCHECK_GENERATE_204_URL)
+    GET  /debug/nodes      JSON of the registry (for people poking at a running server)
+
+Test hooks: approve(), expire_node(), delete_node(), set_packet_filter(), set_dns(),
+set_derp_map(), drop_streams(), restart() (same key and state, every connection dropped),
+inject_raw() (send arbitrary bytes on a node's map stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import os
+import random
+import time
+from urllib.parse import urlsplit
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+from tsproxy.control import wire
+from tsproxy.control.messages import encode_map_message
+from tsproxy.control.noiseconn import ServerHandshake
+from tsproxy.errors import RemoteProtocolError
+from tsproxy.keys import MachinePrivate
+from tsproxy.noise.ik import Responder
+from tsproxy.testing.control.mapper import ALLOW_ALL, StreamView
+from tsproxy.testing.control.registry import Registry, RegistryError
+
+log = logging.getLogger(__name__)
+MAX_HEAD = 16 << 10
+MAX_FORM_BODY = 64 << 10
+MAX_REQUEST_BODY = 1 << 20
+KEEPALIVE = 50.0
+EPHEMERAL_IDLE = 30.0
+
+
+class _Stream:
+    def __init__(self, node_id: int, compress: bool):
+        self.node_id = node_id
+        self.compress = compress
+        self.view = StreamView(node_id)
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.raw: list[bytes] = []
+
+
+class _H2Session:
+    """One Noise connection carrying HTTP/2 (server side)."""
+
+    def __init__(self, server: "TestControlServer", reader, writer, noise, machine: str):
+        self.server = server
+        self.reader, self.writer, self.noise = reader, writer, noise
+        self.machine = machine
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8", validate_inbound_headers=False))
+        self.lock = asyncio.Lock()
+        self.window = asyncio.Event()
+        self.tasks: dict[int, asyncio.Task] = {}
+
+    async def flush(self) -> None:
+        async with self.lock:
+            data = self.h2.data_to_send()
+            if data:
+                self.noise.write(data)
+                self.writer.write(self.noise.data_to_send())
+            await self.writer.drain()
+
+    async def send_data(self, sid: int, data: bytes, end: bool = False) -> None:
+        view = memoryview(data)
+        while True:
+            n = min(len(view), self.h2.local_flow_control_window(sid),
+                    self.h2.max_outbound_frame_size)
+            if n <= 0 and len(view):
+                self.window.clear()
+                await self.flush()
+                await self.window.wait()
+                continue
+            last = n == len(view)
+            self.h2.send_data(sid, bytes(view[:n]), end_stream=end and last)
+            view = view[n:]
+            if last:
+                break
+        await self.flush()
+
+    async def reply(self, sid: int, status: int, body: bytes = b"", ctype: str = "application/json"):
+        self.h2.send_headers(sid, [(":status", str(status)), ("content-type", ctype),
+                                   ("content-length", str(len(body)))], end_stream=not body)
+        if body:
+            await self.send_data(sid, body, end=True)
+        else:
+            await self.flush()
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()
+        await self.flush()
+        bodies: dict[int, bytearray] = {}
+        heads: dict[int, dict] = {}
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                self.noise.receive_data(data)
+                for ev in self.h2.receive_data(self.noise.read()):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        heads[ev.stream_id] = dict(ev.headers)
+                        bodies[ev.stream_id] = bytearray()
+                    elif isinstance(ev, h2.events.DataReceived):
+                        b = bodies.get(ev.stream_id)
+                        if b is not None:
+                            b += ev.data
+                            if len(b) > MAX_REQUEST_BODY:
+                                self.h2.reset_stream(ev.stream_id)
+                                bodies.pop(ev.stream_id)
+                        self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        sid = ev.stream_id
+                        if sid in bodies:
+                            t = asyncio.create_task(self._dispatch(sid, heads.pop(sid),
+                                                                   bytes(bodies.pop(sid))))
+                            self.tasks[sid] = t
+                            t.add_done_callback(lambda _t, s=sid: self.tasks.pop(s, None))
+                    elif isinstance(ev, h2.events.StreamReset):
+                        t = self.tasks.get(ev.stream_id)
+                        if t is not None:
+                            t.cancel()
+                    elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+                        self.window.set()
+                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                        return
+                await self.flush()
+        finally:
+            for t in list(self.tasks.values()):
+                t.cancel()
+
+    async def _dispatch(self, sid: int, head: dict, body: bytes) -> None:
+        path = head.get(":path", "")
+        try:
+            if path == "/machine/register":
+                await self.server._register(self, sid, _json(body))
+            elif path == "/machine/map":
+                await self.server._map(self, sid, _json(body))
+            elif path == "/machine/update-health":
+                await self.reply(sid, 204)
+            else:
+                await self.reply(sid, 404, b"not found", "text/plain")
+        except _BadRequest as e:
+            await self.reply(sid, 400, str(e).encode(), "text/plain")
+        except (ConnectionError, RemoteProtocolError, h2.exceptions.ProtocolError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:                       # one bad request never takes the server down
+            log.exception("test control: %s failed", path)
+            try:
+                await self.reply(sid, 500, b"internal error", "text/plain")
+            except Exception:
+                pass
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _json(body: bytes) -> dict:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _BadRequest("body is not JSON") from None
+    if not isinstance(obj, dict):
+        raise _BadRequest("body is not a JSON object")
+    return obj
+
+
+class TestControlServer:
+    __test__ = False
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, derp_map: dict | None = None,
+                 domain: str = "tailnet.test", keepalive: float = KEEPALIVE,
+                 ephemeral_idle: float = EPHEMERAL_IDLE, machine_key: MachinePrivate | None = None,
+                 clock=time.time):
+        self.host, self.port = host, port
+        self.key = machine_key or MachinePrivate.generate()
+        self.registry = Registry(domain=domain)
+        self.derp_map = derp_map or {"Regions": {}}
+        self.packet_filter: list = ALLOW_ALL
+        self.dns: dict = {"Resolvers": [], "Domains": [domain], "Proxied": True}
+        self.keepalive = keepalive
+        self.ephemeral_idle = ephemeral_idle
+        self.clock = clock
+        self.streams: list[_Stream] = []
+        self.counters = {"register": 0, "map_stream": 0, "map_lite": 0, "noise_failed": 0,
+                         "http_requests": 0}
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set = set()
+        self._conn_tasks: set[asyncio.Task] = set()
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._reaper: asyncio.Task | None = None
+        self.changed = asyncio.Condition()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._conn, self.host, self.port,
+                                                  limit=MAX_HEAD * 2)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.registry.base_url = self.url
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_loop())
+
+    async def stop(self) -> None:
+        await self._close_listener()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+
+    async def _close_listener(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._conns):
+            w.close()
+        for t in list(self._conn_tasks):
+            t.cancel()
+        if self._conn_tasks:
+            await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        """Drop every connection and the listener, wait, listen again on the same port with
+        the same key and registry (a control-server restart, as clients see it)."""
+        await self._close_listener()
+        for node in self.registry.nodes.values():
+            node.streams = 0
+            self.registry.set_online(node, False, self.clock())
+        if downtime:
+            await asyncio.sleep(downtime)
+        await self.start()
+
+    def drop_streams(self) -> None:
+        for w in list(self._conns):
+            w.close()
+
+    # -- operator API --------------------------------------------------------------------------
+    def create_auth_key(self, **kw):
+        return self.registry.create_auth_key(**kw)
+
+    def pending_logins(self) -> list[str]:
+        return list(self.registry.pending)
+
+    def approve(self, pid: str, user_id: int = 1) -> None:
+        self.registry.approve(pid, self.clock(), user_id)
+        ev = self._waiters.get(pid)
+        if ev is not None:
+            ev.set()
+        self.notify()
+
+    def expire_node(self, node_id: int) -> None:
+        self.registry.expire_node(node_id, self.clock())
+        self.notify()
+
+    def delete_node(self, node_id: int) -> None:
+        self.registry.delete_node(node_id)
+        self.notify()
+
+    def set_packet_filter(self, rules: list) -> None:
+        self.packet_filter = rules
+        self.notify()
+
+    def set_dns(self, dns: dict) -> None:
+        self.dns = dns
+        self.notify()
+
+    def set_derp_map(self, derp_map: dict) -> None:
+        self.derp_map = derp_map
+        self.notify()
+
+    def node(self, hostname: str):
+        return self.registry.by_hostname(hostname)
+
+    def inject_raw(self, node_id: int, data: bytes) -> bool:
+        """Queue raw bytes (e.g. a malformed frame) on that node's live map stream(s)."""
+        hit = False
+        for s in self.streams:
+            if s.node_id == node_id and not s.closed:
+                s.raw.append(data)
+                s.wake.set()
+                hit = True
+        return hit
+
+    def notify(self) -> None:
+        for s in self.streams:
+            s.wake.set()
+        asyncio.get_running_loop().create_task(self._notify_waiters())
+
+    async def _notify_waiters(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_for(self, predicate, timeout: float = 30.0):
+        """Wait until predicate() is truthy (re-checked on every registry change)."""
+        async with asyncio.timeout(timeout):
+            async with self.changed:
+                while not (v := predicate()):
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), 0.5)
+                    except TimeoutError:
+                        pass
+                return v
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.registry.reap_ephemeral(self.clock(), self.ephemeral_idle):
+                self.notify()
+
+    # -- HTTP/1.1 front door ---------------------------------------------------------------------
+    async def _conn(self, reader, writer) -> None:
+        task = asyncio.current_task()
+        self._conn_tasks.add(task)
+        self._conns.add(writer)
+        try:
+            buf = b""
+            while True:
+                while (split := wire.split_http_head(buf)) is None:
+                    if len(buf) > MAX_HEAD:
+                        return
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = split
+                self.counters["http_requests"] += 1
+                try:
+                    request_line, headers = wire.parse_http_head(head)
+                except RemoteProtocolError:
+                    return
+                parts = request_line.split(" ")
+                if len(parts) != 3:
+                    return
+                method, target, _ = parts
+                path = urlsplit(target).path
+                if path == wire.UPGRADE_PATH:
+                    await self._upgrade(reader, writer, head, buf)
+                    return
+                n = int(headers.get("content-length", "0") or 0)
+                if n > MAX_FORM_BODY:
+                    return
+                while len(buf) < n:
+                    data = await reader.read(65536)
+                    if not data:
+                        return
+                    buf += data
+                body, buf = buf[:n], buf[n:]
+                status, ctype, payload = self._http(method, path, body)
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                             f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            self._conns.discard(writer)
+            self._conn_tasks.discard(task)
+            writer.close()
+
+    def _http(self, method: str, path: str, body: bytes) -> tuple[str, str, bytes]:
+        if path == wire.KEY_PATH and method == "GET":
+            return "200 OK", "application/json", wire.build_key_response(self.key.public().raw)
+        if path == "/generate_204":
+            return "204 No Content", "text/plain", b""
+        if path == "/debug/nodes" and method == "GET":
+            nodes = [{"id": n.id, "name": n.name, "hostname": n.hostname, "ipv4": n.ipv4,
+                      "ipv6": n.ipv6, "node_key": n.node_key, "disco_key": n.disco_key,
+                      "endpoints": n.endpoints, "home_derp": n.home_derp, "online": n.online,
+                      "ephemeral": n.ephemeral, "tags": n.tags,
+                      "expired": n.expired(self.clock())}
+                     for n in self.registry.nodes.values()]
+            return "200 OK", "application/json", json.dumps(nodes, indent=1).encode()
+        if path.startswith("/register/"):
+            pid = path[len("/register/"):]
+            p = self.registry.pending.get(pid)
+            if p is None:
+                return "404 Not Found", "text/plain", b"no such login\n"
+            if method == "POST":
+                self.approve(pid)
+                return "200 OK", "text/plain", f"approved {p.hostname}\n".encode()
+            page = (f"<html><body><p>Log in node {html.escape(p.hostname)}?</p>"
+                    f"<form method=post><button>Approve</button></form></body></html>")
+            return "200 OK", "text/html", page.encode()
+        return "404 Not Found", "text/plain", b"not found\n"
+
+    async def _upgrade(self, reader, writer, head: bytes, rest: bytes) -> None:
+        hs = ServerHandshake(Responder(self.key), early_challenge=os.urandom(32))
+        try:
+            noise = hs.receive_data(head + b"\r\n\r\n" + rest)
+        except RemoteProtocolError as e:
+            self.counters["noise_failed"] += 1
+            log.debug("test control: noise handshake failed: %s", e)
+            out = hs.data_to_send()
+            if not out:
+                msg = b"bad handshake\n"
+                out = b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(msg) + msg
+            writer.write(out)
+            await writer.drain()
+            return
+        writer.write(hs.data_to_send())
+        await writer.drain()
+        machine = "mkey:" + noise.peer_static.hex()
+        session = _H2Session(self, reader, writer, noise, machine)
+        try:
+            await session.run()
+        except (RemoteProtocolError, h2.exceptions.ProtocolError) as e:
+            log.debug("test control: session ended: %s", e)
+
+    # -- RPCs ----------------------------------------------------------------------------------
+    async def _register(self, s: _H2Session, sid: int, req: dict) -> None:
+        self.counters["register"] += 1
+        try:
+            res = self.registry.register(req, s.machine, self.clock())
+        except RegistryError as e:
+            raise _BadRequest(str(e)) from None
+        self.notify()
+        body = res.body
+        if res.wait_for is not None:
+            ev = self._waiters.setdefault(res.wait_for, asyncio.Event())
+            p = self.registry.pending.get(res.wait_for)
+            if p is None or p.approved_user is None:
+                await ev.wait()
+            self._waiters.pop(res.wait_for, None)
+            body = self.registry.finish_followup(res.wait_for)
+            self.notify()
+        await s.reply(sid, 200, json.dumps(body).encode())
+
+    async def _map(self, s: _H2Session, sid: int, req: dict) -> None:
+        node = self.registry.by_node_key(req.get("NodeKey") or "")
+        if node is None or node.machine != s.machine:
+            await s.reply(sid, 404, b"node not found", "text/plain")
+            return
+        if self.registry.update_from_map_request(node, req):
+            self.notify()
+        compress = req.get("Compress") == "zstd"
+        if not req.get("Stream"):
+            self.counters["map_lite"] += 1
+            if req.get("OmitPeers"):
+                await s.reply(sid, 200, b"", "application/octet-stream")
+            else:
+                view = StreamView(node.id)
+                msg = view.full(self.registry, derp_map=self.derp_map,
+                                packet_filter=self.packet_filter, dns=self.dns, now=self.clock())
+                await s.reply(sid, 200, encode_map_message(msg, compressed=compress))
+            return
+        self.counters["map_stream"] += 1
+        for old in self.streams:                   # a new stream replaces the node's old one
+            if old.node_id == node.id:
+                old.closed = True
+                old.wake.set()
+        stream = _Stream(node.id, compress)
+        self.streams.append(stream)
+        node.streams += 1
+        self.registry.set_online(node, True, self.clock())
+        self.notify()
+        s.h2.send_headers(sid, [(":status", "200"), ("content-type", "application/octet-stream")])
+        try:
+            msg = stream.view.full(self.registry, derp_map=self.derp_map,
+                                   packet_filter=self.packet_filter, dns=self.dns, now=self.clock())
+            await s.send_data(sid, encode_map_message(msg, compressed=compress))
+            keepalive = encode_map_message({"KeepAlive": True}, compressed=compress)
+            while True:
+                timeout = self.keepalive + random.uniform(0, self.keepalive / 6)
+                try:
+                    await asyncio.wait_for(stream.wake.wait(), timeout)
+                except TimeoutError:
+                    await s.send_data(sid, keepalive)
+                    continue
+                stream.wake.clear()
+                if stream.closed:
+                    await s.send_data(sid, b"", end=True)
+                    return
+                while stream.raw:
+                    await s.send_data(sid, stream.raw.pop(0))
+                if node.id not in self.registry.nodes:
+                    await s.send_data(sid, b"", end=True)   # deleted (ephemeral logout)
+                    return
+                d = stream.view.delta(self.registry, derp_map=self.derp_map,
+                                      packet_filter=self.packet_filter, dns=self.dns,
+                                      now=self.clock())
+                if d is not None:
+                    await s.send_data(sid, encode_map_message(d, compressed=compress))
+        finally:
+            stream.closed = True
+            self.streams.remove(stream)
+            node.streams -= 1
+            if node.streams <= 0 and node.id in self.registry.nodes:
+                node.streams = 0
+                self.registry.set_online(node, False, self.clock())
+                try:
+                    self.notify()
+                except RuntimeError:
+                    pass
