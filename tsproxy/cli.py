@@ -27,15 +27,25 @@ def _err(msg: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Userspace WireGuard proxy: reach the hosts "
-                                "behind a WireGuard peer through SOCKS5/HTTP proxies and port forwards, "
-                                "without root.")
+    p = argparse.ArgumentParser(prog=PROG, description="Userspace Tailscale and WireGuard proxy: "
+                                "join a tailnet (or a plain WireGuard network) without root and reach "
+                                "its hosts through SOCKS5/HTTP proxies and port forwards.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     up = sub.add_parser("up", help="start the daemon (detached unless --foreground)",
                         description="Start tsproxy. Settings come from flags, then TSPROXY_* "
                         "environment variables, then the TOML config file.")
+    up.add_argument("--login-server", metavar="URL",
+                    help="control server (default https://controlplane.tailscale.com; Headscale URL)")
+    up.add_argument("--auth-key", metavar="KEY|file:PATH",
+                    help="pre-auth key (or TS_AUTHKEY); without one, tsproxy prints a login URL")
+    up.add_argument("--hostname", metavar="NAME", help="node name on the tailnet (default: this host's name)")
+    up.add_argument("--ephemeral", action="store_true", default=False,
+                    help="keep the node identity in memory; the node is removed when it goes away")
+    up.add_argument("--advertise-tags", metavar="tag:a,tag:b", type=_tags, default=[],
+                    help="request these ACL tags for the node")
+    up.add_argument("--port", metavar="PORT", help="UDP port for WireGuard and disco (default: any)")
     up.add_argument("--wg-config", metavar="FILE", help="plain WireGuard mode: a wg-quick .conf file")
     up.add_argument("--listen", metavar="ADDR",
                     help="SOCKS5 + HTTP proxy on one port (default 127.0.0.1:1055; 'off' to disable)")
@@ -57,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--foreground", action="store_true", default=False, help="run in this terminal")
     up.add_argument("--log-level", choices=options.LOG_LEVELS, help="default info")
 
-    for name, text in (("down", "stop the daemon"), ("status", "show the daemon's state, peers and listeners")):
+    for name, text in (("down", "stop the daemon"), ("status", "show the daemon's state, peers and listeners"),
+                       ("logout", "log the node out of the tailnet (forget its keys) and stop the daemon")):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("--state-dir", metavar="DIR")
         if name == "status":
@@ -89,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_down(args)
         if args.cmd == "status":
             return cmd_status(args)
+        if args.cmd == "logout":
+            return cmd_logout(args)
         if args.cmd == "nc":
             return cmd_nc(args)
         if args.cmd == "forward":
@@ -102,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return _err(str(e))
     except KeyboardInterrupt:
         return 130
+
+
+def _tags(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _state_dir(args) -> str:
@@ -134,6 +151,7 @@ def _spawn_and_wait(plan, argv) -> int:
                                  start_new_session=True, close_fds=True)
     sock = statedir.socket_path(state)
     deadline = time.monotonic() + 30
+    shown_url = None
     while time.monotonic() < deadline:
         if child.poll() is not None:
             return _err(_last_error(logf, start) or f"the daemon exited with status {child.returncode}"
@@ -146,6 +164,11 @@ def _spawn_and_wait(plan, argv) -> int:
         if st.get("state") == "Running":
             print(summary_line(st))
             return 0
+        url = st.get("auth_url")
+        if url and url != shown_url:
+            print(f"To authenticate, visit:\n\n\t{url}\n", flush=True)
+            shown_url = url
+            deadline = float("inf")            # waiting for a person: no time limit
         time.sleep(0.1)
     return _err(f"the daemon did not come up within 30 s (see {logf})")
 
@@ -171,6 +194,8 @@ def summary_line(st: dict) -> str:
     fws = [f"{f['listen']}->{f['target']}" for f in st.get("forwards", [])]
     if fws:
         parts.append("forwards " + ", ".join(fws))
+    if st.get("self"):
+        parts[0] = f"tsproxy is up as {st['self']['name']}: {', '.join(st.get('addresses', []))}"
     n = len(st.get("peers", []))
     parts.append(f"{n} peer{'s' if n != 1 else ''}")
     return "; ".join(parts)
@@ -181,6 +206,16 @@ def cmd_down(args) -> int:
     if not resp.get("ok"):
         return _err(resp.get("error", "the daemon refused to stop"))
     print("tsproxy stopped")
+    return 0
+
+
+def cmd_logout(args) -> int:
+    resp = ipc.call(statedir.socket_path(_state_dir(args)), {"op": "logout"}, timeout=30)
+    if not resp.get("ok"):
+        return _err(resp.get("error", "logout failed"))
+    if resp.get("warning"):
+        print(f"{PROG}: {resp['warning']}", file=sys.stderr)
+    print("logged out; tsproxy stopped")
     return 0
 
 
@@ -221,10 +256,20 @@ def format_status(st: dict) -> str:
         lines.append(f"forward:   {f['listen']} -> {f['target']}")
     for r in st.get("reverse", []):
         lines.append(f"reverse:   tunnel port {r['tunnel_port']} -> {r['target']}")
+    if st.get("mode") == "tailscale":
+        ctl = st.get("control") or {}
+        lines.append(f"control:   {ctl.get('url')} ({ctl.get('state')}"
+                     + (f", last error: {ctl['last_error']}" if ctl.get("last_error") else "") + ")")
+        if st.get("self"):
+            lines.append(f"name:      {st['self']['name']}")
+        lines.append(f"DERP home: {st.get('home_derp') or '-'}")
+        if st.get("auth_url"):
+            lines.append(f"login:     {st['auth_url']}")
     lines.append("")
-    lines.append(f"{'peer':<14} {'endpoint':<24} {'handshake':<12} {'rx':>10} {'tx':>10}")
+    lines.append(f"{'peer':<14} {'path':<24} {'handshake':<12} {'rx':>10} {'tx':>10}")
     for p in st.get("peers", []):
-        lines.append(f"{p['name']:<14} {str(p.get('endpoint') or '-'):<24} "
+        name = p['name'] + ("" if p.get("online", True) is not False else " (offline)")
+        lines.append(f"{name:<14} {str(p.get('endpoint') or '-'):<24} "
                      f"{_ago(p.get('handshake_age')):<12} {_bytes(p.get('rx_bytes', 0)):>10} "
                      f"{_bytes(p.get('tx_bytes', 0)):>10}")
     return "\n".join(lines)

@@ -51,7 +51,11 @@ def test_explicit_missing_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("flags,msg", [
-    ({}, "nothing to connect to"),
+    ({"wg_config": "x", "login_server": "http://127.0.0.1:1"}, "cannot be combined"),
+    ({"wg_config": "x", "ephemeral": True}, "cannot be combined"),
+    ({"login_server": "ftp://x"}, "must be an http"),
+    ({"advertise_tags": ["web"]}, "is not a tag"),
+    ({"port": "70000"}, "--port must be"),
     ({"wg_config": "x", "non_tailnet": "maybe"}, "--non-tailnet must be one of"),
     ({"wg_config": "x", "listen": "nohost:1"}, "host must be an IP address"),
     ({"wg_config": "x", "listen": "127.0.0.1:99999"}, "port must be"),
@@ -60,6 +64,28 @@ def test_explicit_missing_config_file(tmp_path):
 def test_validation(flags, msg, tmp_path):
     with pytest.raises(ConfigError, match=msg):
         options.merge(flags, {"XDG_CONFIG_HOME": str(tmp_path)})
+
+
+def test_tailscale_mode_defaults_and_ts_authkey(tmp_path):
+    opts = options.merge({}, {"XDG_CONFIG_HOME": str(tmp_path), "TS_AUTHKEY": "tskey-env"})
+    assert opts.wg_config is None and opts.login_server == "https://controlplane.tailscale.com"
+    assert opts.auth_key == "tskey-env"
+    opts = options.merge({"auth_key": "tskey-flag", "login_server": "http://10.0.0.1:8080/"},
+                         {"XDG_CONFIG_HOME": str(tmp_path), "TS_AUTHKEY": "tskey-env"})
+    assert opts.auth_key == "tskey-flag" and opts.login_server == "http://10.0.0.1:8080"
+
+
+def test_auth_key_file(tmp_path):
+    from tsproxy.daemon import runtime
+    f = tmp_path / "key"
+    f.write_text("tskey-from-file\n")
+    assert runtime._read_auth_key(f"file:{f}") == "tskey-from-file"
+    with pytest.raises(ConfigError, match="cannot read the auth key file") as e:
+        runtime._read_auth_key(f"file:{tmp_path / 'missing'}")
+    assert "missing" in str(e.value)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        runtime._read_auth_key(f"file:{tmp_path / 'empty'}")
 
 
 @pytest.mark.parametrize("text,expect", [

@@ -19,9 +19,18 @@ NON_TAILNET_POLICIES = ("direct", "exit-node", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+DEFAULT_LOGIN_SERVER = "https://controlplane.tailscale.com"
+
+
 @dataclass
 class UpOptions:
     wg_config: str | None = None
+    login_server: str | None = None
+    auth_key: str | None = None
+    hostname: str | None = None
+    ephemeral: bool = False
+    advertise_tags: list[str] = field(default_factory=list)
+    port: str | None = None
     state_dir: str | None = None
     listen: str | None = "127.0.0.1:1055"
     socks5: list[str] = field(default_factory=list)
@@ -40,8 +49,8 @@ class UpOptions:
         return [f.name for f in fields(self)]
 
 
-LIST_KEYS = {"socks5", "http_proxy", "forward", "reverse"}
-BOOL_KEYS = {"allow_public_without_auth", "foreground"}
+LIST_KEYS = {"socks5", "http_proxy", "forward", "reverse", "advertise_tags"}
+BOOL_KEYS = {"allow_public_without_auth", "foreground", "ephemeral"}
 FILE_ONLY_EXCLUDED = {"config", "foreground"}
 
 
@@ -67,6 +76,8 @@ def merge(flags: dict, environ: dict[str, str] | None = None) -> UpOptions:
         env_name = "TSPROXY_" + f.name.upper()
         if env_name in environ:
             setattr(opts, f.name, _from_env(f.name, environ[env_name], env_name))
+    if "TS_AUTHKEY" in environ and "TSPROXY_AUTH_KEY" not in environ:
+        opts.auth_key = environ["TS_AUTHKEY"]
     for key, value in flags.items():
         if value is None or key not in {f.name for f in fields(UpOptions)}:
             continue
@@ -133,9 +144,21 @@ def validate(opts: UpOptions) -> None:
         parse_listen_addr(addr)
     if (opts.proxy_user is None) != (opts.proxy_password_file is None):
         raise ConfigError("--proxy-user and --proxy-password-file go together")
+    tailnet_flags = [name for name in ("login_server", "auth_key", "hostname", "advertise_tags")
+                     if getattr(opts, name)] + (["ephemeral"] if opts.ephemeral else [])
+    if opts.wg_config is not None and tailnet_flags:
+        raise ConfigError(f"--wg-config (plain WireGuard) cannot be combined with "
+                          f"--{tailnet_flags[0].replace('_', '-')} (Tailscale mode)")
     if opts.wg_config is None:
-        raise ConfigError("nothing to connect to: give --wg-config FILE"
-                          " (a wg-quick .conf for plain WireGuard mode)")
+        opts.login_server = (opts.login_server or DEFAULT_LOGIN_SERVER).rstrip("/")
+        if not opts.login_server.startswith(("http://", "https://")):
+            raise ConfigError(f"--login-server must be an http:// or https:// URL, not "
+                              f"{opts.login_server!r}")
+    for tag in opts.advertise_tags:
+        if not tag.startswith("tag:") or len(tag) < 5:
+            raise ConfigError(f"--advertise-tags: {tag!r} is not a tag (tag:NAME)")
+    if opts.port is not None and (not str(opts.port).isdigit() or not 0 <= int(opts.port) <= 65535):
+        raise ConfigError(f"--port must be 0..65535, not {opts.port!r}")
 
 
 def parse_listen_addr(text: str) -> tuple[str, int]:

@@ -1,5 +1,6 @@
 """The daemon: builds the object graph, runs it, and shuts it down in order.
 
+Tailscale mode (the default; daemon/tailnet.py) joins a tailnet through a control server.
 Plain WireGuard mode (a wg-quick file):
 
     listeners / forwards ──► Dialer ──► NetstackRuntime(Stack) ──► WgDevice ──► UDP socket
@@ -31,12 +32,14 @@ log = logging.getLogger("tsproxy.daemon")
 class Plan:
     opts: options.UpOptions
     state_dir: str
-    wg: wgconf.WgConfig
+    wg: wgconf.WgConfig | None                     # None: Tailscale mode
     listeners: list[tuple[str, str, int]]          # (kind: mixed|socks5|http, host, port)
     forwards: list = field(default_factory=list)   # proxy.forward specs
     reverses: list = field(default_factory=list)
     proxy_user: str | None = None
     proxy_password: str | None = None
+    auth_key: str | None = field(default=None, repr=False)
+    hostname: str = ""
 
 
 def prepare(opts: options.UpOptions) -> Plan:
@@ -44,7 +47,8 @@ def prepare(opts: options.UpOptions) -> Plan:
 
     state_dir = statedir.ensure_state_dir(opts.state_dir or os.environ.get("TSPROXY_STATE_DIR")
                                           or statedir.default_state_dir())
-    conf = wgconf.load(opts.wg_config)
+    conf = wgconf.load(opts.wg_config) if opts.wg_config else None
+    auth_key = _read_auth_key(opts.auth_key) if opts.auth_key else None
     listeners = []
     if opts.listen:
         listeners.append(("mixed", *options.parse_listen_addr(opts.listen)))
@@ -67,7 +71,30 @@ def prepare(opts: options.UpOptions) -> Plan:
                                   "--proxy-password-file, or pass --allow-public-without-auth if you mean it")
     forwards = [specs.parse_forward(s) for s in opts.forward]
     reverses = [specs.parse_reverse(s) for s in opts.reverse]
-    return Plan(opts, state_dir, conf, listeners, forwards, reverses, opts.proxy_user, password)
+    hostname = opts.hostname or _default_hostname()
+    return Plan(opts, state_dir, conf, listeners, forwards, reverses, opts.proxy_user, password,
+                auth_key, hostname)
+
+
+def _read_auth_key(value: str) -> str:
+    """`--auth-key KEY` or `file:PATH` (kept out of the process list)."""
+    if not value.startswith("file:"):
+        return value.strip()
+    path = value[5:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the auth key file ({e.strerror})", path=path) from None
+    if not key:
+        raise ConfigError("the auth key file is empty", path=path)
+    return key
+
+
+def _default_hostname() -> str:
+    import re
+    name = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-")
+    return name or "tsproxy"
 
 
 def setup_logging(level: str) -> None:
@@ -126,9 +153,44 @@ class Daemon:
         self.forwards: dict = {}       # key "tcp:16579" -> ForwardServer
         self.reverses: list = []
         self.ipc: ipc.IpcServer | None = None
+        self.tailnet = None            # TailnetPlane in Tailscale mode
 
     # -- build -------------------------------------------------------------------------------
     async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        if self.conf is None:
+            return await self._run_tailnet()
+        return await self._run_wireguard()
+
+    async def _run_tailnet(self) -> int:
+        from tsproxy.daemon.tailnet import TailnetPlane
+
+        opts = self.plan.opts
+        self.tailnet = TailnetPlane(control_url=opts.login_server, state_dir=self.plan.state_dir,
+                                    hostname=self.plan.hostname, auth_key=self.plan.auth_key,
+                                    ephemeral=opts.ephemeral, tags=opts.advertise_tags,
+                                    udp_port=int(opts.port or 0), non_tailnet=opts.non_tailnet)
+        try:
+            self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
+            await self.ipc.start()
+            log.info("joining the tailnet at %s as %s", opts.login_server, self.plan.hostname)
+            if not await self.tailnet.start(self.stopping):
+                return 0
+            self.netstack, self.dialer, self.device = (self.tailnet.netstack, self.tailnet.dialer,
+                                                       self.tailnet.device)
+            await self._start_frontends()
+            self.state = "Running"
+            log.info("running: %s", ", ".join(self.tailnet.addresses()))
+            await self.stopping.wait()
+            self.state = "Stopping"
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _run_wireguard(self) -> int:
         from tsproxy.dns.aio import TunnelResolver
         from tsproxy.netstack.aio import NetstackRuntime
         from tsproxy.netstack.stack import Stack
@@ -137,9 +199,6 @@ class Daemon:
         from tsproxy.wg.device import WgDevice
 
         loop = asyncio.get_running_loop()
-        self.stopping = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
         iface = self.conf.interface
         now = loop.time()
         self.device = WgDevice(iface.private_key, now=now)
@@ -200,6 +259,12 @@ class Daemon:
     def _pac_config(self):
         from tsproxy.proxy.pac import PacConfig
 
+        if self.tailnet is not None:
+            nm = self.tailnet.netmap
+            from tsproxy.control.dataplane import tailnet_prefixes
+            return PacConfig(suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [],
+                             networks=tailnet_prefixes(nm),
+                             names=sorted(n for n in nm.names if "." not in n))
         nets = []
         for peer in self.conf.peers:
             nets += [n for n in peer.allowed_ips if n.prefixlen > 0]
@@ -238,10 +303,13 @@ class Daemon:
             await close(fw)
         for rev in self.reverses:
             await close(rev)
-        if self.netstack is not None:
-            await close(self.netstack)
-        if self.udp is not None:
-            await close(self.udp)
+        if self.tailnet is not None:
+            await close(self.tailnet)
+        else:
+            if self.netstack is not None:
+                await close(self.netstack)
+            if self.udp is not None:
+                await close(self.udp)
 
     # -- control socket ------------------------------------------------------------------------
     async def _handle_ipc(self, req: dict, reader, writer):
@@ -249,6 +317,17 @@ class Daemon:
         if op == "status":
             return self.status()
         if op == "down":
+            self.stopping.set()
+            return {"ok": True}
+        if op == "logout":
+            if self.tailnet is None:
+                return {"ok": False, "error": "plain WireGuard mode has no login to log out of"}
+            try:
+                await self.tailnet.logout()
+            except (OSError, TsproxyError) as e:
+                self.stopping.set()
+                return {"ok": True, "warning": f"the control server was not told ({e}); "
+                                               "the node keys are forgotten anyway"}
             self.stopping.set()
             return {"ok": True}
         if op == "dial":
@@ -287,6 +366,8 @@ class Daemon:
         return None
 
     def status(self) -> dict:
+        if self.tailnet is not None:
+            return self._tailnet_status()
         iface = self.conf.interface
         now = time.time()
         peers = []
@@ -319,6 +400,24 @@ class Daemon:
             "counters": self._counters(),
         }
 
+    def _tailnet_status(self) -> dict:
+        t = self.tailnet.status()
+        state = self.state if self.state in ("Running", "Stopping") else self.tailnet.state
+        if state == "Running" and self.state != "Running":
+            state = "Starting"
+        return {
+            "ok": True, "state": state, "mode": "tailscale", "pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "addresses": self.tailnet.addresses(),
+            "self": t["self"], "control": t["control"], "auth_url": t["auth_url"],
+            "home_derp": t["home_derp"], "magicsock": t["magicsock"],
+            "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
+            "forwards": [fw.describe() for fw in self.forwards.values()],
+            "reverse": [r.describe() for r in self.reverses],
+            "peers": t["peers"],
+            "counters": self._counters(),
+        }
+
     def _tcp_debug(self) -> list[dict]:
         """Per-connection TCP internals for `tsproxy status --json`-style debugging."""
         out = []
@@ -338,7 +437,11 @@ class Daemon:
 
     def _counters(self) -> dict:
         out = {}
-        sources = [("wg", self.device), ("udp", self.udp), ("netstack", self.netstack), ("dialer", self.dialer)]
+        if self.tailnet is not None:
+            sources = self.tailnet.counter_sources()
+        else:
+            sources = [("wg", self.device), ("udp", self.udp), ("netstack", self.netstack),
+                       ("dialer", self.dialer)]
         sources += [(f"proxy.{kind}", srv) for kind, srv in self.servers]
         for prefix, obj in sources:
             for k, v in dict(getattr(obj, "counters", None) or {}).items():

@@ -95,6 +95,24 @@ class WgDevice:
         for net in allowed_ips:
             self.allowed.insert(net, peer)
 
+    def set_private_key(self, private_key: NodePrivate) -> None:
+        """A new static key (Tailscale node-key rotation): every session and handshake in
+        flight was made with the old key, so they are dropped and renegotiated on demand."""
+        self.private_key = private_key
+        self._priv = private_key.raw
+        self.public = private_key.public()
+        self._pub = self.public.raw
+        self._our_mac1_key = ikpsk2.mac1_key(self._pub)
+        self._our_cookie_key = ikpsk2.cookie_key(self._pub)
+        for peer in self.peers.values():
+            peer.precomputed_ss = dh(self._priv, peer.static_pub)
+            self._forget(peer.clear_keypairs())
+            if peer.handshake_index is not None:
+                self._index.pop(peer.handshake_index, None)
+                peer.handshake_index = None
+            peer.handshake = None
+            peer.last_initiation_sent = -1e18      # the new key may initiate at once
+
     def update_peer(self, public: NodePublic, *, allowed_ips=None, endpoint=None,
                     preshared_key: bytes | None = None, persistent_keepalive: float | None = None) -> None:
         peer = self.peers[public]

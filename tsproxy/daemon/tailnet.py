@@ -1,0 +1,225 @@
+"""Tailscale mode: control client, WireGuard device, magicsock, netstack and dialer, kept in step
+with the netmap.
+
+    ControlClient ──netmaps──► apply ──► WgDevice peers (node keys, AllowedIPs)
+         ▲                        ├────► MagicConn (DERP map, peers' disco keys and endpoints)
+         └─ endpoints, home DERP ─┤────► Stack addresses, InboundFilter (packet filter)
+                                  └────► Dialer (MagicDNS names, tailnet prefixes)
+
+    Dialer ─► NetstackRuntime ─► InboundFilter.note_outbound ─► MagicConn ─► UDP / DERP
+    NetstackRuntime ◄─ InboundFilter.filter ◄─ MagicConn ◄────────────────────┘
+
+A control outage leaves everything as the last netmap set it: tunnels keep working.  The WireGuard
+device and netstack are built from the first netmap (they need our node key and addresses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+
+from tsproxy.control.aio import AuthKeyRejected, ControlClient
+from tsproxy.control.dataplane import apply_peer_diff, tailnet_prefixes
+from tsproxy.control.netmap import diff_peers
+from tsproxy.daemon.state import StateStore
+from tsproxy.errors import TsproxyError
+
+log = logging.getLogger("tsproxy.daemon.tailnet")
+TUN_MTU = 1280                 # Tailscale's default tunnel MTU (PROTOCOL.md 13)
+
+
+class LoginFailed(TsproxyError):
+    pass
+
+
+class TailnetPlane:
+    def __init__(self, *, control_url: str, state_dir: str, hostname: str,
+                 auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
+                 non_tailnet: str = "direct"):
+        self.control_url = control_url
+        self.store = StateStore(state_dir, ephemeral=ephemeral)
+        self.hostname = hostname
+        self.udp_port = udp_port
+        self.non_tailnet = non_tailnet
+        self.control = ControlClient(control_url, self.store, hostname=hostname,
+                                     auth_key=auth_key, tags=tags, ephemeral=ephemeral,
+                                     on_netmap=self._on_netmap, on_auth_url=self._on_auth_url)
+        self.device = None
+        self.magic = None
+        self.netstack = None
+        self.dialer = None
+        self.filter = None
+        self.netmap = None            # the netmap the data plane reflects
+        self._applied = None
+        self._nm_ready = asyncio.Event()
+        self._first_applied = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.auth_url = ""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, stopping: asyncio.Event) -> bool:
+        """Run the control client and wait for the first netmap to be applied.  Returns False
+        if `stopping` was set first; raises LoginFailed for a rejected auth key."""
+        self._tasks.append(asyncio.create_task(self.control.run(), name="control"))
+        self._tasks.append(asyncio.create_task(self._apply_loop(), name="netmap-apply"))
+        waiters = [asyncio.ensure_future(self._first_applied.wait()),
+                   asyncio.ensure_future(stopping.wait())]
+        try:
+            done, _ = await asyncio.wait([*waiters, self._tasks[0], self._tasks[1]],
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        for t in self._tasks:
+            if t in done:
+                exc = t.exception()
+                if isinstance(exc, AuthKeyRejected):
+                    raise LoginFailed(f"the control server rejected the auth key: {exc}") from None
+                if exc is not None:
+                    raise exc
+        return self._first_applied.is_set()
+
+    async def logout(self) -> None:
+        await self.control.logout()
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.netstack is not None:
+            await self.netstack.aclose()
+        if self.magic is not None:
+            await self.magic.aclose()
+
+    # -- netmap -> data plane --------------------------------------------------------------------
+    def _on_auth_url(self, url: str) -> None:
+        self.auth_url = url
+        # the URL is what the user must open; it is not a secret
+        log.warning("to log in, open %s", url)
+
+    def _on_netmap(self, nm) -> None:
+        self._nm_ready.set()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._nm_ready.wait()
+            self._nm_ready.clear()
+            nm = self.control.netmap
+            if nm is None:
+                continue
+            try:
+                await self._apply(nm)
+            except TsproxyError as e:
+                log.error("cannot apply the netmap: %s", e)
+                raise
+            self._first_applied.set()
+
+    async def _build(self, nm) -> None:
+        from tsproxy.magicsock.aio import MagicConn
+        from tsproxy.netstack.aio import NetstackRuntime
+        from tsproxy.netstack.inbound_filter import InboundFilter
+        from tsproxy.netstack.stack import Stack
+        from tsproxy.proxy.aio.dialer import Dialer
+        from tsproxy.wg.device import WgDevice
+
+        loop = asyncio.get_running_loop()
+        ident = self.control.ident
+        self.device = WgDevice(ident.node_key, now=loop.time(), mtu=TUN_MTU)
+        self.filter = InboundFilter()
+        try:
+            self.magic = await MagicConn.create(
+                self.device, node_private=ident.node_key, disco_private=ident.disco_key,
+                port=self.udp_port, on_packets=self._from_tunnel,
+                on_endpoints=self.control.set_endpoints,
+                on_home_derp=self.control.set_preferred_derp)
+        except OSError as e:
+            raise TsproxyError(f"cannot open the UDP port {self.udp_port} ({e.strerror})") from None
+        stack = Stack(nm.addresses, mtu=TUN_MTU, now=loop.time(), verify_checksums=False)
+        self.netstack = NetstackRuntime(stack, send_packets=self._to_tunnel)
+        self.dialer = Dialer(self.netstack, names=nm.names, tunnel_prefixes=tailnet_prefixes(nm),
+                             policy=self.non_tailnet,
+                             dns_suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [])
+
+    def _from_tunnel(self, packets: list) -> None:
+        self.netstack.deliver(self.filter.filter(packets))
+
+    def _to_tunnel(self, packets: list) -> None:
+        self.filter.note_outbound(packets)
+        self.magic.send_packets(packets)
+
+    async def _apply(self, nm) -> None:
+        if self.device is None:
+            await self._build(nm)
+        ident = self.control.ident
+        if self.device.private_key != ident.node_key:     # node key rotated (expiry renewal)
+            log.info("node key changed; renegotiating every tunnel")
+            self.device.set_private_key(ident.node_key)
+        stack = self.netstack.stack
+        addrs = [ipaddress.ip_address(a) for a in nm.addresses]
+        if addrs and addrs != stack.addresses:
+            stack.addresses = addrs
+            stack.addr_set = {a.packed for a in addrs}
+        self.magic.set_derp_map(nm.derp_map)
+        self.magic.set_peers(list(nm.wireguard_peers().values()))
+        apply_peer_diff(self.device, diff_peers(self._applied, nm),
+                        endpoint_for=self.magic.endpoint_for)
+        self.filter.set_match(nm.packet_filter.match)
+        self.dialer.set_names(nm.names)
+        self.dialer.prefixes = tailnet_prefixes(nm)
+        self.dialer.dns_suffixes = [nm.magicdns_suffix] if nm.magicdns_suffix else []
+        self._applied = self.netmap = nm
+
+    # -- status --------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        st = self.control.state
+        if st == "Running" and not self._first_applied.is_set():
+            return "Starting"
+        return st
+
+    def addresses(self) -> list[str]:
+        return [str(a) for a in self.netmap.addresses] if self.netmap else []
+
+    def status(self) -> dict:
+        ctl = self.control.status()
+        out = {"control": {"url": ctl["control_url"], "state": ctl["state"],
+                           "last_error": ctl["last_error"], "failures": ctl["failures"]},
+               "auth_url": self.control.auth_url or None, "self": None, "peers": [],
+               "home_derp": None, "magicsock": None}
+        nm = self.netmap
+        if nm is None:
+            return out
+        me = nm.self_node
+        out["self"] = {"name": me.name.rstrip("."), "addresses": self.addresses(),
+                       "node_key": me.key.text() if me.key else None}
+        paths = {}
+        if self.magic is not None:
+            ms = self.magic.status()
+            out["magicsock"] = ms
+            out["home_derp"] = ms.get("home_derp")
+            paths = {p["node_key"]: p for p in self.magic.peer_status()}
+        dev = {p["public_key"]: p for p in self.device.peer_status()} if self.device else {}
+        now = time.time()
+        for node in sorted(nm.peers.values(), key=lambda n: n.name):
+            key = node.key.text() if node.key else ""
+            ps = paths.get(key, {})
+            ds = dev.get(node.key.b64(), {}) if node.key else {}
+            hs = ds.get("last_handshake")
+            out["peers"].append({
+                "name": node.short_name(nm.magicdns_suffix) or node.name,
+                "fqdn": node.name.rstrip("."),
+                "addresses": [str(a.network_address) for a in node.addresses],
+                "online": node.online, "expired": node.expired,
+                "node_key": key, "path": ps.get("path"), "latency_ms": ps.get("latency_ms"),
+                "endpoint": ps.get("path"),
+                "handshake_age": (now - hs) if hs else None,
+                "handshakes": ds.get("handshakes", 0),
+                "rx_bytes": ds.get("rx_bytes", 0), "tx_bytes": ds.get("tx_bytes", 0),
+            })
+        return out
+
+    def counter_sources(self) -> list:
+        return [("wg", self.device), ("magicsock", self.magic), ("netstack", self.netstack),
+                ("dialer", self.dialer), ("filter", self.filter)]
