@@ -82,6 +82,10 @@ class TailnetPlane:
         return self._first_applied.is_set()
 
     async def logout(self) -> None:
+        # stop the login/map loop first, or it would register a fresh key right after
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.control.logout()
 
     async def aclose(self) -> None:

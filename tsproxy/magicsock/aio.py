@@ -1,0 +1,654 @@
+"""MagicConn: WireGuard over direct UDP and DERP relays, with disco choosing the path.
+
+(Written by the lead engineer; build on this file rather than recreating it.)
+
+One UDP socket carries WireGuard, disco and STUN; every readable event drains it.  DERP
+connections (the home region, plus peers' home regions on demand) deliver packets tagged with
+the sender's node key.  Each peer is one stable WireGuard endpoint object (`_Peer`); when the
+device sends to it, `PeerPaths.send_plan` picks a proven direct address, or DERP plus the best
+unproven address while discovery runs (PROTOCOL.md 5.6, 6.2-6.5).
+
+    magic = await MagicConn.create(device, node_private=..., disco_private=...,
+                                   on_packets=netstack.deliver, on_endpoints=..., on_home_derp=...)
+    magic.set_derp_map(nm.derp_map); magic.set_peers(nodes)
+    apply_peer_diff(device, diff, endpoint_for=magic.endpoint_for)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import ipaddress
+import logging
+import os
+import random
+import socket
+import struct
+import time
+from typing import Callable
+
+from tsproxy.derp.aio import DerpConnection
+from tsproxy.disco import stun
+from tsproxy.disco import wire as disco
+from tsproxy.keys import NodePublic
+from tsproxy.magicsock.paths import PeerPaths
+
+log = logging.getLogger(__name__)
+
+MAX_DATAGRAM = 65536
+MAX_PER_WAKEUP = 4096
+SOCKET_BUFFER = 4 * 1024 * 1024
+TICK = 0.25                       # path timers (heartbeat 3 s, ping timeout 5 s) granularity
+RESTUN_MIN, RESTUN_MAX = 20.0, 26.0
+DERP_IDLE_CLOSE = 60.0
+DERP_CLEAN_INTERVAL = 15.0
+STUN_WAIT = 1.0                   # how long the home-region probe waits for answers
+MAX_LEARNED_ADDRS = 4096
+DERP_MAGIC_IP = "127.3.3.40"      # Go's pseudo address for "via DERP region N" in pongs
+
+Addr = tuple[str, int]
+
+
+class _Peer:
+    """A peer's WireGuard endpoint: the device sends to it, MagicConn picks the path."""
+    __slots__ = ("key", "raw", "disco", "paths", "rx_udp", "rx_derp", "tx_udp", "tx_derp")
+
+    def __init__(self, key: NodePublic):
+        self.key = key
+        self.raw = key.raw
+        self.disco: bytes | None = None
+        self.paths = PeerPaths()
+        self.rx_udp = self.rx_derp = self.tx_udp = self.tx_derp = 0
+
+    def __repr__(self) -> str:
+        return f"peer:{self.key.short()}"
+
+    def path_text(self) -> str:
+        p = self.paths
+        if p.best is not None:
+            host, port = p.best
+            return f"direct [{host}]:{port}" if ":" in host else f"direct {host}:{port}"
+        region = p.home_derp or p.last_derp_region
+        return f"derp {region}" if region else "-"
+
+
+class _Derp:
+    __slots__ = ("conn", "task", "last_used")
+
+    def __init__(self, conn, task, now):
+        self.conn, self.task, self.last_used = conn, task, now
+
+
+def _node_dict(node) -> dict:
+    """messages.DERPNode -> the DERPNode JSON shape DerpConnection understands."""
+    return {"Name": node.name, "HostName": node.host_name, "IPv4": node.ipv4, "IPv6": node.ipv6,
+            "CertName": node.cert_name, "DERPPort": node.derp_port,
+            "InsecureForTests": node.insecure_for_tests}
+
+
+def _stun_target(node) -> Addr | None:
+    if node.stun_port is not None and node.stun_port < 0:
+        return None
+    ip = node.ipv4 if node.ipv4 not in ("", "none") else None
+    if ip is None:
+        try:
+            ipaddress.ip_address(node.host_name)
+            ip = node.host_name
+        except ValueError:
+            return None
+    return ip, node.stun_port or 3478
+
+
+def local_addresses() -> list[str]:
+    """Non-loopback, non-link-local interface addresses (IPv4 by ioctl, IPv6 from /proc)."""
+    out = []
+    SIOCGIFADDR = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                res = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            ip = ipaddress.ip_address(res[20:24])
+            if not ip.is_loopback and not ip.is_link_local:
+                out.append(str(ip))
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                ip = ipaddress.ip_address(bytes.fromhex(line.split()[0]))
+                if not ip.is_loopback and not ip.is_link_local:
+                    out.append(str(ip))
+    except OSError:
+        pass
+    return out
+
+
+def _bind(host: str | None, port: int) -> socket.socket:
+    if host is None or ":" in host:
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind((host or "::", port))
+        except OSError:
+            s.close()
+            if host is not None:
+                raise
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("0.0.0.0", port))
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((host, port))
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+    s.setblocking(False)
+    return s
+
+
+class MagicConn:
+    def __init__(self, device, sock: socket.socket, *, node_private, disco_private,
+                 on_packets: Callable[[list], None], on_endpoints=None, on_home_derp=None):
+        self.device = device
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.node_private = node_private
+        self.node_public = node_private.public()
+        self.codec = disco.DiscoCodec(disco_private)
+        self.on_packets = on_packets
+        self.on_endpoints = on_endpoints or (lambda eps: None)
+        self.on_home_derp = on_home_derp or (lambda region: None)
+        self.family = sock.family
+        self._buf = bytearray(MAX_DATAGRAM)
+        self._view = memoryview(self._buf)
+        self.peers: dict[NodePublic, _Peer] = {}
+        self._by_raw: dict[bytes, _Peer] = {}
+        self._by_disco: dict[bytes, _Peer] = {}
+        self._by_addr: dict[Addr, _Peer] = {}
+        self._addr_cache: dict = {}
+        self._sockaddr_cache: dict = {}
+        self.derp_map = None
+        self.home = 0
+        self.derps: dict[int, _Derp] = {}
+        self._stun_pending: dict[bytes, tuple[int, float]] = {}
+        self.region_latency: dict[int, float] = {}
+        self.reflexive: Addr | None = None
+        self._endpoints: list = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._next_stun = 0.0
+        self._next_derp_clean = 0.0
+        self.closed = False
+        self.counters = {k: 0 for k in (
+            "rx_udp", "tx_udp", "tx_udp_errors", "rx_derp", "tx_derp", "tx_derp_no_region",
+            "rx_derp_unknown_peer", "rx_wg_unknown_source", "rx_stun", "rx_geneve_dropped",
+            "disco_ping_rx", "disco_pong_rx", "disco_cmm_rx", "disco_cmm_udp_ignored",
+            "disco_ping_tx", "disco_cmm_tx", "disco_from_unknown_peer")}
+        device.wall_offset = time.time() - self.loop.time()
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+        self._refresh_endpoints()
+
+    @classmethod
+    async def create(cls, device, *, node_private, disco_private, port: int = 0,
+                     host: str | None = None, on_packets, on_endpoints=None,
+                     on_home_derp=None) -> "MagicConn":
+        return cls(device, _bind(host, port), node_private=node_private,
+                   disco_private=disco_private, on_packets=on_packets,
+                   on_endpoints=on_endpoints, on_home_derp=on_home_derp)
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    # -- configuration ---------------------------------------------------------------------------
+    def endpoint_for(self, node) -> _Peer:
+        key = node.key if hasattr(node, "key") else node
+        ep = self.peers.get(key)
+        if ep is None:
+            ep = self.peers[key] = _Peer(key)
+            self._by_raw[key.raw] = ep
+        return ep
+
+    def set_peers(self, nodes) -> None:
+        keep = set()
+        for node in nodes:
+            ep = self.endpoint_for(node)
+            keep.add(node.key)
+            ep.disco = node.disco_key.raw if node.disco_key is not None else None
+            ep.paths.home_derp = node.home_derp
+            ep.paths.set_endpoints([tuple(e) for e in node.endpoints])
+        for key in [k for k in self.peers if k not in keep]:
+            ep = self.peers.pop(key)
+            self._by_raw.pop(ep.raw, None)
+            for a in [a for a, p in self._by_addr.items() if p is ep]:
+                del self._by_addr[a]
+        self._by_disco = {ep.disco: ep for ep in self.peers.values() if ep.disco}
+        self.codec.set_peers(self._by_disco)
+
+    def set_derp_map(self, derp_map) -> None:
+        self.derp_map = derp_map
+        for region in [r for r in self.derps if r not in derp_map.regions]:
+            self._close_derp(region)
+        if self.home not in derp_map.regions:
+            self.home = 0
+            if derp_map.regions:
+                self._spawn(self._choose_home())
+        self._next_stun = 0.0
+
+    # -- DERP ------------------------------------------------------------------------------------
+    async def _choose_home(self) -> None:
+        """Probe every region's STUN server from our socket; the fastest answer is home
+        (lowest region id if nobody answers)."""
+        regions = self.derp_map.regions
+        self._send_stun_probes()
+        deadline = self.loop.time() + STUN_WAIT
+        while self.loop.time() < deadline and len(self.region_latency) < len(regions):
+            await asyncio.sleep(0.05)
+        measured = {r: lat for r, lat in self.region_latency.items() if r in regions
+                    and not regions[r].no_measure_no_home}
+        home = min(measured, key=measured.get) if measured else min(regions)
+        if home != self.home:
+            old, self.home = self.home, home
+            if old and old in self.derps:
+                self._close_derp(old)
+            self._derp(home)
+            log.info("DERP home region %d%s", home,
+                     f" ({measured[home] * 1000:.1f} ms)" if home in measured else "")
+            self.on_home_derp(home)
+
+    def _derp(self, region: int) -> DerpConnection | None:
+        entry = self.derps.get(region)
+        now = self.loop.time()
+        if entry is not None:
+            entry.last_used = now
+            return entry.conn
+        if self.derp_map is None or region not in self.derp_map.regions:
+            return None
+        nodes = [n for n in self.derp_map.regions[region].nodes if not n.stun_only]
+        if not nodes:
+            return None
+        conn = DerpConnection(_node_dict(nodes[0]), self.node_private,
+                              on_packet=lambda src, data, r=region: self._on_derp(r, src, data),
+                              preferred=(region == self.home))
+        task = self.loop.create_task(conn.run(), name=f"derp-{region}")
+        self.derps[region] = _Derp(conn, task, now)
+        return conn
+
+    def _close_derp(self, region: int) -> None:
+        entry = self.derps.pop(region, None)
+        if entry is not None:
+            self._spawn(entry.conn.close())
+            entry.task.cancel()
+
+    def _derp_send(self, region: int, dst: bytes, data: bytes) -> bool:
+        conn = self._derp(region)
+        if conn is None:
+            self.counters["tx_derp_no_region"] += 1
+            return False
+        self.counters["tx_derp"] += 1
+        return conn.send(dst, data)
+
+    def _on_derp(self, region: int, src: bytes, data: bytes) -> None:
+        self.counters["rx_derp"] += 1
+        if data[:6] == disco.MAGIC:
+            self._on_disco(data, None, region, src)
+            self._flush()
+            return
+        ep = self._by_raw.get(bytes(src))
+        if ep is None:
+            self.counters["rx_derp_unknown_peer"] += 1
+            return
+        ep.rx_derp += len(data)
+        ep.paths.on_derp_receive(region)
+        entry = self.derps.get(region)
+        if entry is not None:
+            entry.last_used = self.loop.time()
+        self.device.receive_datagram(data, ep, self.loop.time())
+        self._after_input()
+
+    # -- UDP receive -----------------------------------------------------------------------------
+    def _norm(self, addr) -> Addr:
+        ep = self._addr_cache.get(addr)
+        if ep is None:
+            host = addr[0]
+            if host.startswith("::ffff:") and "." in host:
+                host = host[7:]
+            ep = (host, addr[1])
+            if len(self._addr_cache) > 4096:
+                self._addr_cache.clear()
+            self._addr_cache[addr] = ep
+        return ep
+
+    def _on_readable(self) -> None:
+        recvfrom_into = self.sock.recvfrom_into
+        view = self._view
+        receive = self.device.receive_datagram
+        by_addr = self._by_addr
+        now = self.loop.time()
+        n_read = 0
+        wg_unknown = False
+        while n_read < MAX_PER_WAKEUP:
+            try:
+                n, raw_addr = recvfrom_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                log.debug("udp receive error: %s", e)
+                break
+            n_read += 1
+            addr = self._norm(raw_addr)
+            b0 = view[0] if n else 0
+            if 1 <= b0 <= 4 and n >= 32:                   # WireGuard: the hot path
+                ep = by_addr.get(addr)
+                if ep is not None:
+                    ep.rx_udp += n
+                    receive(bytes(view[:n]), ep, now)
+                    continue
+            data = bytes(view[:n])
+            kind = disco.looks_like(data)
+            if kind == "disco":
+                self._on_disco(data, addr, 0, None)
+            elif kind == "stun":
+                self._on_stun(data, addr, now)
+            elif kind == "geneve":
+                self.counters["rx_geneve_dropped"] += 1
+            else:
+                self.counters["rx_wg_unknown_source"] += 1
+                receive(data, addr, now)
+                wg_unknown = True
+        self.counters["rx_udp"] += n_read
+        if wg_unknown:
+            self._adopt_roamed()
+        self._after_input()
+
+    def _adopt_roamed(self) -> None:
+        """A WireGuard packet from an address we did not know authenticated: the device made
+        that raw address the peer's endpoint.  Put our endpoint object back and remember the
+        address as a way to reach that peer."""
+        for key, wg_peer in self.device.peers.items():
+            ep_obj = wg_peer.endpoint
+            if isinstance(ep_obj, tuple):
+                ep = self.peers.get(key)
+                if ep is not None:
+                    self._learn(ep_obj, ep)
+                    ep.paths.on_ping_from(ep_obj, self.loop.time())
+                    self.device.update_peer(key, endpoint=ep)
+
+    def _learn(self, addr: Addr, ep: _Peer) -> None:
+        if addr not in self._by_addr and len(self._by_addr) >= MAX_LEARNED_ADDRS:
+            self._by_addr.pop(next(iter(self._by_addr)))
+        self._by_addr[addr] = ep
+
+    def _after_input(self) -> None:
+        pkts = self.device.take_packets()
+        if pkts:
+            self.on_packets(pkts)
+        self._flush()
+
+    # -- disco -----------------------------------------------------------------------------------
+    def _on_disco(self, data: bytes, addr: Addr | None, region: int, derp_src: bytes | None):
+        opened = self.codec.open(data)
+        if opened is None:
+            return                                          # counted by the codec
+        sender, m = opened
+        ep = self._by_disco.get(sender)
+        if ep is None:
+            self.counters["disco_from_unknown_peer"] += 1
+            return
+        now = self.loop.time()
+        kind = m[0]
+        if kind == "ping":
+            self.counters["disco_ping_rx"] += 1
+            txid = m[1]
+            if addr is not None:
+                ep.paths.on_ping_from(addr, now)
+                self._learn(addr, ep)
+                self._send_udp(self.codec.seal(sender, disco.build_pong(txid, addr)), addr)
+            else:
+                pong = self.codec.seal(sender, disco.build_pong(txid, (DERP_MAGIC_IP, region)))
+                self._derp_send(region, derp_src, pong)
+        elif kind == "pong":
+            self.counters["disco_pong_rx"] += 1
+            if addr is not None and ep.paths.on_pong(m[1], addr, now):
+                self._learn(addr, ep)
+        elif kind == "call_me_maybe":
+            if addr is not None:
+                self.counters["disco_cmm_udp_ignored"] += 1  # only trusted via DERP
+                return
+            if derp_src is not None and derp_src != ep.raw:
+                return
+            self.counters["disco_cmm_rx"] += 1
+            ep.paths.on_call_me_maybe(m[1], now)
+            self._send_disco_for(ep)
+
+    def _send_disco_for(self, ep: _Peer) -> None:
+        if ep.disco is None:
+            ep.paths.take_pings()
+            ep.paths.take_call_me_maybe()
+            return
+        for addr, txid in ep.paths.take_pings():
+            self.counters["disco_ping_tx"] += 1
+            self._send_udp(self.codec.seal(ep.disco, disco.build_ping(txid, self.node_public.raw)),
+                           addr)
+        if ep.paths.take_call_me_maybe():
+            region = ep.paths.home_derp or ep.paths.last_derp_region
+            eps = [(h, p) for h, p, _ in self._endpoints]
+            if region and eps:
+                self.counters["disco_cmm_tx"] += 1
+                self._derp_send(region, ep.raw,
+                                self.codec.seal(ep.disco, disco.build_call_me_maybe(eps)))
+
+    # -- STUN and endpoints ----------------------------------------------------------------------
+    def _send_stun_probes(self) -> None:
+        if self.derp_map is None:
+            return
+        now = self.loop.time()
+        for rid, region in self.derp_map.regions.items():
+            for node in region.nodes:
+                target = _stun_target(node)
+                if target is None:
+                    continue
+                txid = os.urandom(12)
+                if len(self._stun_pending) > 256:
+                    self._stun_pending.clear()
+                self._stun_pending[txid] = (rid, now)
+                self._send_udp(stun.build_request(txid), target)
+                break
+
+    def _on_stun(self, data: bytes, addr: Addr, now: float) -> None:
+        self.counters["rx_stun"] += 1
+        r = stun.parse_response(data)
+        if r is None:
+            return
+        txid, mapped = r
+        pending = self._stun_pending.pop(txid, None)
+        if pending is None:
+            return
+        region, sent = pending
+        self.region_latency[region] = now - sent
+        if mapped is not None:
+            mapped = self._norm(tuple(mapped))
+            if mapped != self.reflexive:
+                self.reflexive = mapped
+                self._refresh_endpoints()
+
+    def _refresh_endpoints(self) -> None:
+        port = self.port
+        eps = []
+        try:
+            addrs = local_addresses()
+        except OSError:
+            addrs = []
+        v6_ok = self.family == socket.AF_INET6
+        for ip in addrs:
+            if ":" in ip and not v6_ok:
+                continue
+            eps.append((ip, port, 1))
+        if self.reflexive is not None and (self.reflexive[0], self.reflexive[1]) not in \
+                {(h, p) for h, p, _ in eps}:
+            eps.append((self.reflexive[0], self.reflexive[1], 2))
+        if eps != self._endpoints:
+            self._endpoints = eps
+            self.on_endpoints(list(eps))
+
+    def local_endpoints(self) -> list:
+        return list(self._endpoints)
+
+    # -- send ------------------------------------------------------------------------------------
+    def send_packets(self, packets: list) -> None:
+        now = self.loop.time()
+        send = self.device.send_packet
+        for p in packets:
+            send(p, now)
+        self._flush()
+
+    def _sockaddr(self, ep: Addr):
+        sa = self._sockaddr_cache.get(ep)
+        if sa is None:
+            host, port = ep
+            if self.family == socket.AF_INET6 and ":" not in host:
+                host = "::ffff:" + host
+            sa = (host, port)
+            if len(self._sockaddr_cache) > 4096:
+                self._sockaddr_cache.clear()
+            self._sockaddr_cache[ep] = sa
+        return sa
+
+    def _send_udp(self, data: bytes, addr: Addr) -> bool:
+        try:
+            self.sock.sendto(data, self._sockaddr(addr))
+            self.counters["tx_udp"] += 1
+            return True
+        except (BlockingIOError, InterruptedError, OSError) as e:
+            self.counters["tx_udp_errors"] += 1
+            log.debug("udp send to %s failed: %s", addr, e)
+            return False
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        out = self.device.datagrams_to_send()
+        if out:
+            now = self.loop.time()
+            sendto = self.sock.sendto
+            sockaddr = self._sockaddr
+            sent = errors = 0
+            for data, ep in out:
+                if type(ep) is _Peer:
+                    addr, region = ep.paths.send_plan(now)
+                    if addr is not None:
+                        try:
+                            sendto(data, sockaddr(addr))
+                            sent += 1
+                            ep.tx_udp += len(data)
+                        except OSError:
+                            errors += 1
+                    if region:
+                        ep.tx_derp += len(data)
+                        self._derp_send(region, ep.raw, data)
+                    elif addr is None:
+                        self.counters["tx_derp_no_region"] += 1
+                    if ep.paths._ping_out or ep.paths._cmm_due:
+                        self._send_disco_for(ep)
+                else:
+                    try:
+                        sendto(data, sockaddr(ep))
+                        sent += 1
+                    except OSError:
+                        errors += 1
+            self.counters["tx_udp"] += sent
+            self.counters["tx_udp_errors"] += errors
+        self._arm()
+
+    # -- timers ----------------------------------------------------------------------------------
+    def _arm(self) -> None:
+        d = self.device.next_deadline()
+        if d is None:
+            return
+        if self._timer is not None:
+            if self._timer_at is not None and self._timer_at <= d:
+                return
+            self._timer.cancel()
+        self._timer_at = d
+        self._timer = self.loop.call_at(d, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.closed:
+            return
+        self.device.handle_timer(self.loop.time())
+        self._after_input()
+
+    def _tick(self) -> None:
+        if self.closed:
+            return
+        now = self.loop.time()
+        try:
+            for ep in self.peers.values():
+                d = ep.paths.next_deadline()
+                if d is not None and d <= now:
+                    ep.paths.handle_timer(now)
+                    if ep.paths._ping_out or ep.paths._cmm_due:
+                        self._send_disco_for(ep)
+            if now >= self._next_stun and self.derp_map is not None:
+                self._next_stun = now + random.uniform(RESTUN_MIN, RESTUN_MAX)
+                self._send_stun_probes()
+                self._refresh_endpoints()
+            if now >= self._next_derp_clean:
+                self._next_derp_clean = now + DERP_CLEAN_INTERVAL
+                for region, entry in list(self.derps.items()):
+                    if region != self.home and now - entry.last_used > DERP_IDLE_CLOSE:
+                        self._close_derp(region)
+        except Exception:                      # a bug here must not stop the timer
+            log.exception("magicsock tick failed")
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+
+    def _spawn(self, coro) -> None:
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- status ----------------------------------------------------------------------------------
+    def peer_status(self) -> list[dict]:
+        dev = {p["public_key"]: p for p in self.device.peer_status()}
+        out = []
+        for key, ep in self.peers.items():
+            d = dev.get(key.b64(), {})
+            lat = ep.paths.best_latency
+            out.append({"node_key": key.text(), "path": ep.path_text(),
+                        "latency_ms": round(lat * 1000, 2) if lat is not None else None,
+                        "last_handshake": d.get("last_handshake"),
+                        "rx_bytes": d.get("rx_bytes", 0), "tx_bytes": d.get("tx_bytes", 0),
+                        "rx_udp_bytes": ep.rx_udp, "rx_derp_bytes": ep.rx_derp,
+                        "tx_udp_bytes": ep.tx_udp, "tx_derp_bytes": ep.tx_derp,
+                        "endpoints": [f"{h}:{p}" for h, p in ep.paths.candidates]})
+        return out
+
+    def status(self) -> dict:
+        return {"home_derp": self.home or None, "port": self.port,
+                "derp": {str(r): e.conn.connected.is_set() for r, e in self.derps.items()},
+                "endpoints": [f"{h}:{p}" for h, p, _ in self._endpoints],
+                "region_latency_ms": {str(r): round(v * 1000, 2)
+                                      for r, v in self.region_latency.items()},
+                "counters": dict(self.counters), "disco": dict(self.codec.counters)}
+
+    # -- close -----------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+        self._tick_handle.cancel()
+        for region in list(self.derps):
+            entry = self.derps.pop(region)
+            await entry.conn.close()
+            entry.task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        self.sock.close()
