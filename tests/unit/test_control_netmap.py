@@ -193,6 +193,20 @@ def test_expired_and_unreachable_peers_dropped_from_wireguard(session):
     assert not nm2.peers[2].expired
 
 
+def test_patch_renews_an_expired_peer_with_a_new_key(session):
+    """Key renewal as a patch: new Key plus KeyExpiry back to the zero time ("never")."""
+    s, _ = session
+    nm = s.apply(decode({"PeersChangedPatch": [
+        {"NodeID": 2, "KeyExpiry": "2025-10-09T08:53:19Z"}]}), NOW)
+    assert nm.peers[2].expired and K[2] not in nm.wireguard_peers()
+    nm = s.apply(decode({"PeersChangedPatch": [
+        {"NodeID": 2, "Key": K[6].text(), "KeyExpiry": "0001-01-01T00:00:00Z"}]}), NOW)
+    assert not nm.peers[2].expired and nm.peers[2].key == K[6]
+    assert K[6] in nm.wireguard_peers() and nm.resolve("alpha")
+    nm = s.apply(decode({"PeersChangedPatch": [{"NodeID": 2, "Online": True}]}), NOW)
+    assert not nm.peers[2].expired                      # absent KeyExpiry: unchanged
+
+
 def test_derp_dns_filter_deltas(session):
     s, _ = session
     nm = s.apply(decode({"DERPMap": {"HomeParams": {"RegionScore": {"900": 0.5}}}}), NOW)

@@ -254,6 +254,7 @@ class PeerChange:
     online: bool | None = None
     last_seen: float | None = None
     key_expiry: float | None = None
+    key_expiry_set: bool = False         # present (a zero time resets it to "never expires")
 
 
 def parse_peer_change(obj) -> PeerChange:
@@ -274,6 +275,7 @@ def parse_peer_change(obj) -> PeerChange:
         online=_bool(obj.get("Online")),
         last_seen=parse_time(obj.get("LastSeen")),
         key_expiry=parse_time(obj.get("KeyExpiry")),
+        key_expiry_set=obj.get("KeyExpiry") is not None,
     )
 
 

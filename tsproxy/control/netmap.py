@@ -176,8 +176,8 @@ class MapSession:
                 p.online = c.online
             if c.last_seen is not None:
                 p.last_seen = c.last_seen
-            if c.key_expiry is not None:
-                p.key_expiry = c.key_expiry
+            if c.key_expiry_set:
+                p.key_expiry = c.key_expiry      # None: the zero time, "never expires"
 
     def netmap(self, now: float) -> NetMap:
         adjusted = now + self.clock_delta

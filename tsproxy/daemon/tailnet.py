@@ -76,7 +76,7 @@ class TailnetPlane:
             if t in done:
                 exc = t.exception()
                 if isinstance(exc, AuthKeyRejected):
-                    raise LoginFailed(f"the control server rejected the auth key: {exc}") from None
+                    raise LoginFailed(f"the {exc}") from None
                 if exc is not None:
                     raise exc
         return self._first_applied.is_set()

@@ -4,7 +4,8 @@
     node = GoTailscaleNode(ns, control_url=f"http://{root_ip}:{port}", auth_key=key, workdir=tmp)
     node.start(); await node.wait_registered(control)  # ... node.stop()
 
-The node serves "hello from <hostname>" on its tailnet port 80.  With `proxy_to="ip:port"` it
+The node serves "hello from <hostname>" on its tailnet port 80; with `backend="ip:port"`,
+/svc/* is proxied (unbuffered) to that server inside the namespace.  With `proxy_to="ip:port"` it
 also proxies http://127.0.0.1:8081/ inside the namespace to that tailnet address through its
 own tsnet node (caddy-tailscale's `transport tailscale`), so a client in the namespace reaches
 tailnet hosts the way a Go node dials them.
@@ -29,13 +30,14 @@ PROXY_PORT = 8081
 class GoTailscaleNode:
     def __init__(self, ns: Namespace, *, control_url: str, auth_key: str, workdir: str,
                  hostname: str = "peer-a", ephemeral: bool = True, proxy_to: str | None = None,
-                 extra_env: dict | None = None):
+                 backend: str | None = None, extra_env: dict | None = None):
         self.ns = ns
         self.control_url = control_url
         self.auth_key = auth_key
         self.hostname = hostname
         self.ephemeral = ephemeral
         self.proxy_to = proxy_to
+        self.backend = backend
         self.dir = os.path.join(workdir, f"tsgo-{hostname}")
         self.state_dir = os.path.join(self.dir, "state")
         self.log_path = os.path.join(self.dir, "caddy.log")
@@ -47,8 +49,11 @@ class GoTailscaleNode:
                f"\t\tcontrol_url {self.control_url}", f"\t\tauth_key {self.auth_key}",
                f"\t\tephemeral {'true' if self.ephemeral else 'false'}",
                f"\t\tstate_dir {self.state_dir}", "\t\twebui false", "\t}", "}", "",
-               ":80 {", f"\tbind tailscale/{self.hostname}",
-               f'\trespond "hello from {self.hostname}"', "}"]
+               ":80 {", f"\tbind tailscale/{self.hostname}"]
+        if self.backend:                        # /svc/* -> a server inside the namespace
+            out += ["\thandle_path /svc/* {", f"\t\treverse_proxy {self.backend} {{",
+                    "\t\t\tflush_interval -1", "\t\t}", "\t}"]
+        out += ["\thandle {", f'\t\trespond "hello from {self.hostname}"', "\t}", "}"]
         if self.proxy_to:
             out += ["", f"http://127.0.0.1:{PROXY_PORT} {{", "\tbind 127.0.0.1",
                     f"\treverse_proxy http://{self.proxy_to} {{",

@@ -1,0 +1,287 @@
+"""Two tsproxy daemons (real CLI, real sockets) in Tailscale mode on a test tailnet served by our
+control server and DERP relay over loopback: they reach each other, and the control-plane
+lifecycle (restart with stored keys, interactive login, rejected key, unreachable server, key
+expiry, control restart, malformed map message) never breaks a working tunnel."""
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO, Daemon, free_port
+from tsproxy.daemon import ipc, statedir
+from tsproxy.testing.servers import pattern_chunks, pattern_sha256
+
+pytestmark = [pytest.mark.timeout(300)]
+MB = 1_000_000
+
+
+class _Web(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "bytes":
+            n, seconds = int(parts[1]), 0.0
+        elif parts[0] == "drip":
+            n, seconds = int(parts[1]), float(parts[2])
+        else:
+            body = b"hello from tsp-b\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        chunks = list(pattern_chunks(n, 64 * 1024))
+        pause = seconds / max(len(chunks), 1)
+        for c in chunks:
+            self.wfile.write(c)
+            if pause:
+                time.sleep(pause)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def web():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Web)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tailnet():
+    from tsproxy.testing.tailnet import TestTailnet
+    with TestTailnet(host="127.0.0.1") as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def pair(tailnet, web, tmp_path_factory):
+    b = Daemon(str(tmp_path_factory.mktemp("b")),
+               ["--login-server", tailnet.control_url, "--auth-key", tailnet.auth_key,
+                "--hostname", "tsp-b", "--listen", "off", "--reverse", f"8080:127.0.0.1:{web}"])
+    a_port = free_port()
+    a = Daemon(str(tmp_path_factory.mktemp("a")),
+               ["--login-server", tailnet.control_url, "--auth-key", tailnet.auth_key,
+                "--hostname", "tsp-a", "--listen", f"127.0.0.1:{a_port}"])
+    a.proxy_port = a_port
+    try:
+        b.start(timeout=60)
+        a.start(timeout=60)
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def socks_get(port, url, timeout=60):
+    """GET through the SOCKS5 proxy with curl; returns (sha256, length, max gap between reads)."""
+    p = subprocess.Popen(["curl", "-sS", "--max-time", str(timeout), "--socks5-hostname",
+                          f"127.0.0.1:{port}", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    h = hashlib.sha256()
+    n, last, gap = 0, time.monotonic(), 0.0
+    while chunk := p.stdout.read1(1 << 16):
+        now = time.monotonic()
+        gap = max(gap, now - last)
+        last = now
+        h.update(chunk)
+        n += len(chunk)
+    err = p.stderr.read().decode()
+    assert p.wait() == 0, err
+    return h.hexdigest(), n, gap
+
+
+def peer_entry(d, name):
+    for p in d.status()["peers"]:
+        if p["name"] == name:
+            return p
+    return None
+
+
+def eventually(fn, timeout, what):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
+
+
+def test_two_nodes_reach_each_other_by_name(pair):
+    a, b = pair
+    st = a.status()
+    assert st["mode"] == "tailscale" and st["self"]["name"] == "tsp-a.tailnet.test"
+    assert st["home_derp"] == 900
+    eventually(lambda: peer_entry(a, "tsp-b"), 20, "tsp-b in tsp-a's netmap")
+    digest, n, _ = socks_get(a.proxy_port, "http://tsp-b:8080/bytes/3000000")
+    assert (digest, n) == (pattern_sha256(3 * MB), 3 * MB)
+    digest, n, _ = socks_get(a.proxy_port, "http://tsp-b.tailnet.test:8080/bytes/1000")
+    assert n == 1000
+    p = eventually(lambda: (lambda p: p if p and p["path"].startswith("direct") else None)(
+        peer_entry(a, "tsp-b")), 30, "direct path between the two nodes")
+    assert p["handshakes"] >= 1 and p["rx_bytes"] > 3 * MB
+    # the CLI's human status shows the peer and its path
+    out = subprocess.run([sys.executable, "-m", "tsproxy", "status", "--state-dir", a.state_dir],
+                         capture_output=True, text=True, cwd=REPO, timeout=30).stdout
+    assert "tsp-b" in out and "direct" in out and "DERP home: 900" in out
+
+
+def test_control_restart_mid_transfer_keeps_the_tunnel(pair, tailnet):
+    a, b = pair
+    streams = tailnet.call(lambda: tailnet.control.counters["map_stream"])
+    result = {}
+    t = threading.Thread(target=lambda: result.update(
+        r=socks_get(a.proxy_port, f"http://tsp-b:8080/drip/{4 * MB}/8")))
+    t.start()
+    time.sleep(2)
+    tailnet.run(tailnet.control.restart(downtime=2.0))
+    t.join(60)
+    digest, n, gap = result["r"]
+    assert (digest, n) == (pattern_sha256(4 * MB), 4 * MB)
+    assert gap < 2.0, gap
+    # both clients came back: new map streams, and Running again
+    tailnet.wait(lambda: tailnet.control.counters["map_stream"] >= streams + 2, 60, "map resumed")
+    for d in (a, b):
+        eventually(lambda d=d: d.status()["control"]["state"] == "Running", 60, "control Running")
+
+
+def test_malformed_map_message_drops_stream_keeps_netmap(pair, tailnet):
+    a, b = pair
+    node = tailnet.node("tsp-a")
+    streams = tailnet.call(lambda: tailnet.control.counters["map_stream"])
+    assert tailnet.call(tailnet.control.inject_raw, node.id, b"\x08\x00\x00\x00not zstd")
+    tailnet.wait(lambda: tailnet.control.counters["map_stream"] > streams, 60, "a reconnects")
+    assert peer_entry(a, "tsp-b") is not None
+    digest, n, _ = socks_get(a.proxy_port, "http://tsp-b:8080/bytes/100000")
+    assert n == 100000
+    with open(os.path.join(a.state_dir, "test-daemon.log")) as f:
+        assert "map" in f.read()                 # the broken stream was logged
+
+
+def test_key_expiry_reregisters_and_tunnel_recovers(pair, tailnet):
+    a, b = pair
+    before = tailnet.node("tsp-b")
+    old_key, node_id, addr = before.node_key, before.id, before.ipv4
+    tailnet.call(tailnet.control.expire_node, node_id)
+    after = tailnet.wait(lambda: (lambda n: n if n and n.node_key != old_key
+                                  and not n.expired(time.time()) else None)(
+        tailnet.control.node("tsp-b")), 60, "tsp-b re-registered with a new node key")
+    assert (after.id, after.ipv4) == (node_id, addr)
+    reg = [r for k, r in tailnet.call(lambda: list(tailnet.control.registry.log))
+           if k == "register" and r.get("OldNodeKey") == old_key]
+    assert reg and reg[-1]["NodeKey"] == after.node_key
+    # tsp-a learns the new key from a delta and renegotiates WireGuard with it
+    eventually(lambda: (lambda p: p and p["node_key"] == after.node_key and not p["expired"])(
+        peer_entry(a, "tsp-b")), 30, "tsp-a sees tsp-b's new key")
+    digest, n, _ = socks_get(a.proxy_port, f"http://tsp-b:8080/bytes/{2 * MB}")
+    assert (digest, n) == (pattern_sha256(2 * MB), 2 * MB)
+    assert b.status()["self"]["node_key"] == after.node_key
+
+
+def test_restart_with_stored_identity_needs_no_auth_key(tailnet, tmp_path):
+    state = str(tmp_path / "r")
+    d = Daemon(state, ["--login-server", tailnet.control_url, "--auth-key", tailnet.auth_key,
+                       "--hostname", "restarter", "--listen", "off"]).start(timeout=60)
+    first = d.status()["self"]
+    d.stop()
+    mode = os.stat(os.path.join(state, "control-state.json")).st_mode & 0o777
+    assert mode == 0o600 and os.stat(state).st_mode & 0o777 == 0o700
+    assert tailnet.auth_key not in open(os.path.join(state, "control-state.json")).read()
+    d2 = Daemon(state, ["--login-server", tailnet.control_url, "--hostname", "restarter",
+                        "--listen", "off"]).start(timeout=60)
+    try:
+        again = d2.status()["self"]
+        assert again["node_key"] == first["node_key"] and again["addresses"] == first["addresses"]
+        assert tailnet.auth_key not in d2.log()
+    finally:
+        d2.stop()
+
+
+def test_interactive_login_prints_url_and_waits(tailnet, tmp_path):
+    state = str(tmp_path / "i")
+    p = subprocess.Popen([sys.executable, "-m", "tsproxy", "up", "--login-server",
+                          tailnet.control_url, "--hostname", "interactive", "--listen", "off",
+                          "--state-dir", state], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=REPO)
+    try:
+        lines = []
+        while not any("/register/" in ln for ln in lines):
+            line = p.stdout.readline()
+            assert line, (lines, p.stderr.read())
+            lines.append(line)
+        url = re.search(r"(http://\S+/register/\S+)", "".join(lines)).group(1)
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "interactive" in page
+        urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=10)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert "tsproxy is up as interactive.tailnet.test" in out
+    finally:
+        if p.poll() is None:
+            p.kill()
+        try:
+            ipc.call(statedir.socket_path(state), {"op": "down"})
+        except (ipc.DaemonNotRunning, OSError):
+            pass
+
+
+def test_rejected_auth_key_exits_1_with_one_line_no_retry_storm(tailnet, tmp_path):
+    before = tailnet.call(lambda: tailnet.control.counters["register"])
+    for extra in (["--foreground"], []):
+        r = subprocess.run([sys.executable, "-m", "tsproxy", "up", *extra, "--login-server",
+                            tailnet.control_url, "--auth-key", "tskey-auth-bogus",
+                            "--hostname", "rejected", "--listen", "off", "--state-dir",
+                            str(tmp_path / f"x{len(extra)}")],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 1
+        last = r.stderr.strip().splitlines()[-1]
+        assert last == "tsproxy: the control server rejected the auth key: invalid authkey", r.stderr
+        assert "tskey-auth-bogus" not in r.stderr + r.stdout
+    assert tailnet.call(lambda: tailnet.control.counters["register"]) - before == 2
+
+
+def test_unreachable_control_server_is_retried_and_shown(tmp_path):
+    port = free_port()
+    state = str(tmp_path / "u")
+    os.makedirs(state, mode=0o700)
+    p = subprocess.Popen([sys.executable, "-m", "tsproxy", "up", "--foreground",
+                          "--login-server", f"http://127.0.0.1:{port}", "--auth-key", "tskey-x",
+                          "--listen", "off", "--state-dir", state],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        def failing():
+            try:
+                st = ipc.call(statedir.socket_path(state), {"op": "status"})
+            except (ipc.DaemonNotRunning, OSError, ValueError):
+                return None
+            return st if st["control"]["failures"] >= 2 else None
+        st = eventually(failing, 30, "control failures in status")
+        assert st["state"] != "Running" and "refused" in st["control"]["last_error"].lower()
+        time.sleep(3)
+        st2 = ipc.call(statedir.socket_path(state), {"op": "status"})
+        # backoff: a handful of attempts, not a storm
+        assert st2["control"]["failures"] < 10, st2["control"]
+        out = subprocess.run([sys.executable, "-m", "tsproxy", "status", "--state-dir", state],
+                             capture_output=True, text=True, cwd=REPO, timeout=30).stdout
+        assert "last error" in out
+    finally:
+        p.terminate()
+        p.wait(15)
