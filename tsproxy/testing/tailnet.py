@@ -64,6 +64,9 @@ class TestTailnet:
 
     def call(self, fn, *args):
         """Call a plain function on the server loop (registry state is loop-owned)."""
+        if threading.current_thread() is self._thread:        # already there (e.g. in wait())
+            return fn(*args)
+
         async def _c():
             return fn(*args)
         return self.run(_c())
