@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow a proxy listener on a non-loopback address without --proxy-user")
     up.add_argument("--forward", metavar="[udp:]LPORT:HOST:PORT", action="append", default=[],
                     help="forward 127.0.0.1:LPORT to HOST:PORT through the tunnel (repeatable)")
-    up.add_argument("--reverse", metavar="TPORT:LOCALHOST:LPORT", action="append", default=[],
+    up.add_argument("--reverse", metavar="[udp:]TPORT:LOCALHOST:LPORT", action="append", default=[],
                     help="accept tunnel connections to our address on TPORT and connect them to "
                     "LOCALHOST:LPORT (repeatable)")
     up.add_argument("--non-tailnet", choices=options.NON_TAILNET_POLICIES,
@@ -255,7 +255,7 @@ def format_status(st: dict) -> str:
     for f in st.get("forwards", []):
         lines.append(f"forward:   {f['listen']} -> {f['target']}")
     for r in st.get("reverse", []):
-        lines.append(f"reverse:   tunnel port {r['tunnel_port']} -> {r['target']}")
+        lines.append(f"reverse:   tunnel {r.get('proto', 'tcp')} port {r['tunnel_port']} -> {r['target']}")
     if st.get("mode") == "tailscale":
         ctl = st.get("control") or {}
         lines.append(f"control:   {ctl.get('url')} ({ctl.get('state')}"

@@ -37,8 +37,10 @@ def test_parse_forward_rejects_with_one_line(text):
 
 def test_parse_reverse():
     r = parse_reverse("8022:127.0.0.1:22")
-    assert (r.tunnel_port, r.local_host, r.local_port) == (8022, "127.0.0.1", 22)
-    for bad in ("8022:127.0.0.1", "0:127.0.0.1:22", "8022:127.0.0.1:x", "a:b:c:d"):
+    assert (r.tunnel_port, r.local_host, r.local_port, r.proto) == (8022, "127.0.0.1", 22, "tcp")
+    r = parse_reverse("udp:53:127.0.0.1:5353")
+    assert (r.tunnel_port, r.local_port, r.proto) == (53, 5353, "udp")
+    for bad in ("8022:127.0.0.1", "0:127.0.0.1:22", "8022:127.0.0.1:x", "a:b:c:d", "udp:53:127.0.0.1"):
         with pytest.raises(ConfigError):
             parse_reverse(bad)
 

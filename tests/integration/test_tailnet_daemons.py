@@ -65,6 +65,29 @@ def web():
 
 
 @pytest.fixture(scope="module")
+def dns_server():
+    """A DNS server on loopback, published on the tailnet by tsp-b's UDP reverse forward."""
+    from tsproxy.testing.servers import dns_answer
+    records = {}
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                q, addr = s.recvfrom(2048)
+            except OSError:
+                return
+            try:
+                s.sendto(dns_answer(q, records), addr)
+            except (ValueError, IndexError, OSError):
+                pass
+    threading.Thread(target=serve, daemon=True).start()
+    yield s.getsockname()[1], records
+    s.close()
+
+
+@pytest.fixture(scope="module")
 def tailnet():
     from tsproxy.testing.tailnet import TestTailnet
     with TestTailnet(host="127.0.0.1") as net:
@@ -72,10 +95,11 @@ def tailnet():
 
 
 @pytest.fixture(scope="module")
-def pair(tailnet, web, tmp_path_factory):
+def pair(tailnet, web, dns_server, tmp_path_factory):
     b = Daemon(str(tmp_path_factory.mktemp("b")),
                ["--login-server", tailnet.control_url, "--auth-key", tailnet.auth_key,
-                "--hostname", "tsp-b", "--listen", "off", "--reverse", f"8080:127.0.0.1:{web}"])
+                "--hostname", "tsp-b", "--listen", "off", "--reverse", f"8080:127.0.0.1:{web}",
+                "--reverse", f"udp:53:127.0.0.1:{dns_server[0]}"])
     a_port = free_port()
     a = Daemon(str(tmp_path_factory.mktemp("a")),
                ["--login-server", tailnet.control_url, "--auth-key", tailnet.auth_key,
@@ -142,6 +166,28 @@ def test_two_nodes_reach_each_other_by_name(pair):
     out = subprocess.run([sys.executable, "-m", "tsproxy", "status", "--state-dir", a.state_dir],
                          capture_output=True, text=True, cwd=REPO, timeout=30).stdout
     assert "tsp-b" in out and "direct" in out and "DERP home: 900" in out
+
+
+def test_split_dns_route_resolved_over_the_tailnet(pair, tailnet, dns_server):
+    """DNSConfig.Routes sends *.corp.test to a resolver at tsp-b's tailnet address (a UDP
+    reverse forward to a local DNS server); the name then dials through the tailnet."""
+    a, b = pair
+    b_ip = b.status()["addresses"][0]
+    dns_server[1]["db.corp.test"] = [b_ip]
+    tailnet.call(tailnet.control.set_dns, {"Resolvers": [], "Domains": ["tailnet.test"],
+                                           "Proxied": True,
+                                           "Routes": {"corp.test.": [{"Addr": b_ip}]}})
+    r = eventually(lambda: (lambda r: r if r.returncode == 0 else None)(subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--socks5-hostname", f"127.0.0.1:{a.proxy_port}",
+         "http://db.corp.test:8080/"], capture_output=True, text=True)), 30, "split DNS name")
+    assert r.stdout == "hello from tsp-b\n"
+    rev = [x for x in b.status()["reverse"] if x["proto"] == "udp"][0]
+    assert rev["connections"] >= 1
+    # a name under no route is not sent to that resolver
+    r = subprocess.run(["curl", "-sS", "--max-time", "10", "--socks5-hostname",
+                        f"127.0.0.1:{a.proxy_port}", "http://nothing.other.test:8080/"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
 
 
 def test_control_restart_mid_transfer_keeps_the_tunnel(pair, tailnet):

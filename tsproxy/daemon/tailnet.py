@@ -34,6 +34,44 @@ class LoginFailed(TsproxyError):
     pass
 
 
+class SplitDns:
+    """DNSConfig.Routes: names under a routed suffix are resolved by that route's resolvers,
+    reached over the tailnet (e.g. a corp DNS server behind a subnet router)."""
+
+    def __init__(self, netstack):
+        self.netstack = netstack
+        self.routes: dict[str, object] = {}       # suffix -> TunnelResolver
+        self._spec: dict = {}
+
+    def update(self, routes: dict) -> None:
+        from tsproxy.dns.aio import TunnelResolver
+        spec = {}
+        for suffix, addrs in routes.items():
+            ips = []
+            for a in addrs:
+                host = a.rsplit(":", 1)[0] if a.count(":") == 1 else a.strip("[]")
+                try:
+                    ips.append(str(ipaddress.ip_address(host)))
+                except ValueError:
+                    continue                      # DoH/DoT resolvers are not supported here
+            if ips:
+                spec[suffix.rstrip(".").lower()] = tuple(ips)
+        if spec != self._spec:
+            self._spec = spec
+            self.routes = {s: TunnelResolver(self.netstack, list(ips)) for s, ips in spec.items()}
+
+    async def resolve(self, name: str) -> list:
+        from tsproxy.errors import HostUnreachable
+        name = name.rstrip(".").lower()
+        best = None
+        for suffix in self.routes:
+            if (name == suffix or name.endswith("." + suffix)) and (best is None or len(suffix) > len(best)):
+                best = suffix
+        if best is None:
+            raise HostUnreachable(f"{name}: no split-DNS route")
+        return await self.routes[best].resolve(name)
+
+
 class TailnetPlane:
     def __init__(self, *, control_url: str, state_dir: str, hostname: str,
                  auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
@@ -142,8 +180,9 @@ class TailnetPlane:
             raise TsproxyError(f"cannot open the UDP port {self.udp_port} ({e.strerror})") from None
         stack = Stack(nm.addresses, mtu=TUN_MTU, now=loop.time(), verify_checksums=False)
         self.netstack = NetstackRuntime(stack, send_packets=self._to_tunnel)
+        self.split_dns = SplitDns(self.netstack)
         self.dialer = Dialer(self.netstack, names=nm.names, tunnel_prefixes=tailnet_prefixes(nm),
-                             policy=self.non_tailnet,
+                             resolver=self.split_dns.resolve, policy=self.non_tailnet,
                              dns_suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [])
 
     def _from_tunnel(self, packets: list) -> None:
@@ -171,6 +210,7 @@ class TailnetPlane:
                         endpoint_for=self.magic.endpoint_for)
         self.filter.set_match(nm.packet_filter.match)
         self.dialer.set_names(nm.names)
+        self.split_dns.update(nm.dns.routes)
         self.dialer.prefixes = tailnet_prefixes(nm)
         self.dialer.dns_suffixes = [nm.magicdns_suffix] if nm.magicdns_suffix else []
         self._applied = self.netmap = nm

@@ -33,6 +33,7 @@ class ReverseSpec:
     local_host: str
     local_port: int
     text: str
+    proto: str = "tcp"
 
 
 def _split(text: str) -> list[str]:
@@ -106,14 +107,18 @@ def parse_forward(text: str) -> ForwardSpec:
 
 def parse_reverse(text: str) -> ReverseSpec:
     spec = text.strip()
+    proto, body = "tcp", spec
+    if spec.lower().startswith(("udp:", "tcp:")):
+        proto, body = spec[:3].lower(), spec[4:]
     try:
-        parts = _split(spec)
+        parts = _split(body)
     except ValueError as e:
         raise ConfigError(f"reverse {spec!r}: {e}") from None
     if len(parts) != 3:
-        raise ConfigError(f"reverse {spec!r} must look like TPORT:LOCALHOST:LPORT")
+        raise ConfigError(f"reverse {spec!r} must look like [udp:]TPORT:LOCALHOST:LPORT")
     tport, host, lport = parts
-    return ReverseSpec(_port(tport, "tunnel port", spec), _host(host, spec), _port(lport, "local port", spec), spec)
+    return ReverseSpec(_port(tport, "tunnel port", spec), _host(host, spec),
+                       _port(lport, "local port", spec), spec, proto)
 
 
 def fmt_hostport(host: str, port: int) -> str:
