@@ -132,10 +132,12 @@ class TestDerpServer:
             self._stun_transport.close()
         for w in list(self._writers):
             w.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:                    # closed writers end the handlers; cancel stragglers
+            _, pending = await asyncio.wait(list(self._tasks), timeout=2)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 
