@@ -90,7 +90,7 @@ def dns_server():
 @pytest.fixture(scope="module")
 def tailnet():
     from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host="127.0.0.1") as net:
+    with TestTailnet(host="127.0.0.1", ephemeral_idle=2.0) as net:
         yield net
 
 
@@ -259,6 +259,23 @@ def test_restart_with_stored_identity_needs_no_auth_key(tailnet, tmp_path):
         assert tailnet.auth_key not in d2.log()
     finally:
         d2.stop()
+
+
+def test_ephemeral_node_keeps_no_state_and_is_removed_after_it_leaves(tailnet, tmp_path):
+    state = str(tmp_path / "e")
+    d = Daemon(state, ["--login-server", tailnet.control_url, "--auth-key", tailnet.auth_key,
+                       "--hostname", "ephem", "--ephemeral", "--advertise-tags", "tag:ci",
+                       "--listen", "off"]).start(timeout=60)
+    try:
+        node = tailnet.node("ephem")
+        assert node.ephemeral and node.online
+        reg = [r for k, r in tailnet.call(lambda: list(tailnet.control.registry.log))
+               if k == "register" and r.get("NodeKey") == node.node_key][0]
+        assert reg["Ephemeral"] is True and reg["Hostinfo"]["RequestTags"] == ["tag:ci"]
+        assert not os.path.exists(os.path.join(state, "control-state.json"))
+    finally:
+        d.stop()
+    tailnet.wait(lambda: tailnet.control.node("ephem") is None, 30, "ephemeral node deleted")
 
 
 def test_interactive_login_prints_url_and_waits(tailnet, tmp_path):

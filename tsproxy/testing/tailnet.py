@@ -24,12 +24,13 @@ class TestTailnet:
     __test__ = False
 
     def __init__(self, host: str = "127.0.0.1", *, derp_regions: int = 1, port: int = 0,
-                 keepalive: float = 50.0, stun: bool = True):
+                 keepalive: float = 50.0, stun: bool = True, ephemeral_idle: float = 30.0):
         self.host = host
         self._regions = derp_regions
         self._port = port
         self._keepalive = keepalive
         self._stun = stun
+        self._ephemeral_idle = ephemeral_idle
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-tailnet",
                                         daemon=True)
@@ -49,7 +50,8 @@ class TestTailnet:
             self.derps.append(d)
         self.control = TestControlServer(self.host, self._port,
                                          derp_map=derp_map(*self.derps) if self.derps else None,
-                                         keepalive=self._keepalive)
+                                         keepalive=self._keepalive,
+                                         ephemeral_idle=self._ephemeral_idle)
         await self.control.start()
         self.auth_key = self.control.create_auth_key(reusable=True).key
         self.ephemeral_key = self.control.create_auth_key(reusable=True, ephemeral=True).key
