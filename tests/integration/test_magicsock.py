@@ -170,3 +170,46 @@ async def test_bad_disco_and_junk_are_counted(pair):
         assert a.magic.counters["disco_cmm_udp_ignored"] == 1
     finally:
         s.close()
+
+
+async def test_peer_home_region_dialed_on_demand_and_closed_when_idle(monkeypatch):
+    """A's home is region 900 (the only one answering STUN); B lives on 901.  A opens 901 only
+    to reach B, and closes it once idle; its home connection stays."""
+    import tsproxy.magicsock.aio as magic_mod
+    monkeypatch.setattr(magic_mod, "DERP_IDLE_CLOSE", 1.0)
+    monkeypatch.setattr(magic_mod, "DERP_CLEAN_INTERVAL", 0.5)
+    r900 = TestDerpServer(tls=True, stun_port=0, region_id=900)
+    r901 = TestDerpServer(tls=True, stun_port=None, region_id=901)
+    await r900.start()
+    await r901.start()
+    both, _, _ = msg.parse_derp_map(derp_map(r900, r901))
+    only901, _, _ = msg.parse_derp_map(derp_map(r901))
+    a, b = Node("100.64.0.1"), Node("100.64.0.2")
+    try:
+        await a.start(msg.DERPMap(regions=both))
+        await b.start(msg.DERPMap(regions=only901))
+        async with asyncio.timeout(10):
+            while not (a.homes and b.homes):
+                await asyncio.sleep(0.02)
+        assert (a.homes, b.homes) == ([900], [901])
+        assert set(a.magic.derps) == {900}
+        nb = b.node(2)
+        nb.home_derp = 901
+        a.magic.set_peers([nb])
+        a.device.add_peer(nb.key, allowed_ips=nb.allowed_ips, endpoint=a.magic.endpoint_for(nb))
+        na = a.node(1)
+        b.magic.set_peers([na])                       # B answers where it heard A (901)
+        b.device.add_peer(na.key, allowed_ips=na.allowed_ips, endpoint=b.magic.endpoint_for(na))
+        await transfer(a, b, 300_000)
+        assert set(a.magic.derps) == {900, 901} and a.path(b) == "derp 901"
+        assert r901.counters["packets_forwarded"] > 50
+        async with asyncio.timeout(10):               # idle: the non-home region is closed
+            while 901 in a.magic.derps:
+                await asyncio.sleep(0.1)
+        assert set(a.magic.derps) == {900}
+        await transfer(a, b, 100_000)                 # and reopened on demand
+    finally:
+        await a.close()
+        await b.close()
+        await r900.stop()
+        await r901.stop()

@@ -547,6 +547,11 @@ class MagicConn:
                         except OSError:
                             errors += 1
                     if region:
+                        # as Go's derpRoute: answer through the region we last heard the peer
+                        # on while that connection is open, else its home region
+                        last = ep.paths.last_derp_region
+                        if last and last != region and last in self.derps:
+                            region = last
                         ep.tx_derp += len(data)
                         self._derp_send(region, ep.raw, data)
                     elif addr is None:
