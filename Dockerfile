@@ -1,5 +1,12 @@
 # tsproxy as a container sidecar.
 #   docker build -t tsproxy .
+# On a tailnet (state in a volume so the node keeps its identity across restarts):
+#   docker run --rm -v tsproxy-state:/home/tsproxy/state -p 127.0.0.1:1055:1055 \
+#     -e TS_AUTHKEY=tskey-auth-... -e TSPROXY_LOGIN_SERVER=https://headscale.example.com \
+#     -e TSPROXY_HOSTNAME=sidecar -e TSPROXY_LISTEN=0.0.0.0:1055 \
+#     -e TSPROXY_PROXY_USER=me -v $PWD/proxy-pass:/run/secrets/proxy-pass:ro \
+#     -e TSPROXY_PROXY_PASSWORD_FILE=/run/secrets/proxy-pass tsproxy
+# Plain WireGuard:
 #   docker run --rm -v $PWD/wg0.conf:/etc/tsproxy/wg0.conf:ro -p 127.0.0.1:1055:1055 \
 #     -e TSPROXY_WG_CONFIG=/etc/tsproxy/wg0.conf -e TSPROXY_LISTEN=0.0.0.0:1055 \
 #     -e TSPROXY_PROXY_USER=me -v $PWD/proxy-pass:/run/secrets/proxy-pass:ro \

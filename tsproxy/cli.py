@@ -170,7 +170,15 @@ def _spawn_and_wait(plan, argv) -> int:
             shown_url = url
             deadline = float("inf")            # waiting for a person: no time limit
         time.sleep(0.1)
-    return _err(f"the daemon did not come up within 30 s (see {logf})")
+    detail = ""
+    try:
+        st = ipc.call(sock, {"op": "status"}, timeout=2)
+        err = (st.get("control") or {}).get("last_error")
+        detail = f" ({st.get('state')}{': ' + err if err else ''})"
+    except (ipc.DaemonNotRunning, OSError, ValueError):
+        pass
+    return _err(f"not up after 30 s{detail}; the daemon keeps trying in the background"
+                f" ('tsproxy status' to watch, 'tsproxy down' to stop; log: {logf})")
 
 
 def _last_error(logf: str, start: int) -> str | None:
