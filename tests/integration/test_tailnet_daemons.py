@@ -248,6 +248,7 @@ def test_restart_with_stored_identity_needs_no_auth_key(tailnet, tmp_path):
                        "--hostname", "restarter", "--listen", "off"]).start(timeout=60)
     first = d.status()["self"]
     d.stop()
+    assert tailnet.auth_key not in d.log()              # secrets never reach the log
     mode = os.stat(os.path.join(state, "control-state.json")).st_mode & 0o777
     assert mode == 0o600 and os.stat(state).st_mode & 0o777 == 0o700
     assert tailnet.auth_key not in open(os.path.join(state, "control-state.json")).read()

@@ -26,7 +26,7 @@ DEFAULT_LOGIN_SERVER = "https://controlplane.tailscale.com"
 class UpOptions:
     wg_config: str | None = None
     login_server: str | None = None
-    auth_key: str | None = None
+    auth_key: str | None = field(default=None, repr=False)   # a secret: never in reprs
     hostname: str | None = None
     ephemeral: bool = False
     advertise_tags: list[str] = field(default_factory=list)
