@@ -190,6 +190,24 @@ def test_split_dns_route_resolved_over_the_tailnet(pair, tailnet, dns_server):
     assert r.returncode != 0
 
 
+def test_pac_file_follows_the_netmap(pair, tailnet, tmp_path):
+    a, b = pair
+
+    def pac():
+        return urllib.request.urlopen(f"http://127.0.0.1:{a.proxy_port}/proxy.pac",
+                                      timeout=10).read().decode()
+    text = pac()
+    assert 'host == "tsp-b"' in text and 'dnsDomainIs(host, ".tailnet.test")' in text
+    assert "latecomer" not in text
+    late = Daemon(str(tmp_path / "late"), ["--login-server", tailnet.control_url, "--auth-key",
+                                           tailnet.auth_key, "--hostname", "latecomer",
+                                           "--listen", "off"]).start(timeout=60)
+    try:
+        eventually(lambda: 'host == "latecomer"' in pac(), 30, "new peer in the PAC file")
+    finally:
+        late.stop()
+
+
 def test_control_restart_mid_transfer_keeps_the_tunnel(pair, tailnet):
     a, b = pair
     streams = tailnet.call(lambda: tailnet.control.counters["map_stream"])

@@ -154,6 +154,7 @@ class Daemon:
         self.reverses: list = []
         self.ipc: ipc.IpcServer | None = None
         self.tailnet = None            # TailnetPlane in Tailscale mode
+        self._pacs: list = []          # PacConfigs of the listeners, refreshed per netmap
 
     # -- build -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -179,6 +180,7 @@ class Daemon:
             log.info("joining the tailnet at %s as %s", opts.login_server, self.plan.hostname)
             if not await self.tailnet.start(self.stopping):
                 return 0
+            self.tailnet.on_applied = self._refresh_pac
             self.netstack, self.dialer, self.device = (self.tailnet.netstack, self.tailnet.dialer,
                                                        self.tailnet.device)
             await self._start_frontends()
@@ -260,15 +262,24 @@ class Daemon:
         from tsproxy.proxy.pac import PacConfig
 
         if self.tailnet is not None:
-            nm = self.tailnet.netmap
-            from tsproxy.control.dataplane import tailnet_prefixes
-            return PacConfig(suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [],
-                             networks=tailnet_prefixes(nm),
-                             names=sorted(n for n in nm.names if "." not in n))
+            pac = PacConfig()
+            self._pacs.append(pac)
+            self._refresh_pac(self.tailnet.netmap)
+            return pac
         nets = []
         for peer in self.conf.peers:
             nets += [n for n in peer.allowed_ips if n.prefixlen > 0]
         return PacConfig(suffixes=list(self.conf.interface.dns_search), networks=nets)
+
+    def _refresh_pac(self, nm) -> None:
+        """Peers come and go: the PAC file follows the netmap (names, suffix, prefixes)."""
+        from tsproxy.control.dataplane import tailnet_prefixes
+        from tsproxy.proxy.pac import PacConfig
+        fresh = PacConfig(suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [],
+                          networks=tailnet_prefixes(nm),
+                          names=sorted(n for n in nm.names if "." not in n))
+        for pac in self._pacs:
+            pac.suffixes, pac.networks, pac.names = fresh.suffixes, fresh.networks, fresh.names
 
     async def _start_or_explain(self, srv, where: str) -> None:
         try:

@@ -95,6 +95,7 @@ class TailnetPlane:
         self._first_applied = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.auth_url = ""
+        self.on_applied = None        # called with each netmap once the data plane reflects it
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, stopping: asyncio.Event) -> bool:
@@ -214,6 +215,8 @@ class TailnetPlane:
         self.dialer.prefixes = tailnet_prefixes(nm)
         self.dialer.dns_suffixes = [nm.magicdns_suffix] if nm.magicdns_suffix else []
         self._applied = self.netmap = nm
+        if self.on_applied is not None:
+            self.on_applied(nm)
 
     # -- status --------------------------------------------------------------------------------
     @property
