@@ -14,7 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "tsproxy"
 
 RANK = {
-    "errors": 0, "version": 0,
+    "errors": 0, "version": 0, "aio": 0,
     "keys": 1,
     "noise": 2,
     "control": 3, "derp": 3, "disco": 3, "wg": 3,

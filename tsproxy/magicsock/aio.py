@@ -1,7 +1,5 @@
 """MagicConn: WireGuard over direct UDP and DERP relays, with disco choosing the path.
 
-(Written by the lead engineer; build on this file rather than recreating it.)
-
 One UDP socket carries WireGuard, disco and STUN; every readable event drains it.  DERP
 connections (the home region, plus peers' home regions on demand) deliver packets tagged with
 the sender's node key.  Each peer is one stable WireGuard endpoint object (`_Peer`); when the
@@ -27,6 +25,7 @@ import struct
 import time
 from typing import Callable
 
+from tsproxy.aio import DeadlineTimer, UdpAddrs, bind_udp
 from tsproxy.derp.aio import DerpConnection
 from tsproxy.disco import stun
 from tsproxy.disco import wire as disco
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65536
 MAX_PER_WAKEUP = 4096
-SOCKET_BUFFER = 4 * 1024 * 1024
 TICK = 0.25                       # path timers (heartbeat 3 s, ping timeout 5 s) granularity
 RESTUN_MIN, RESTUN_MAX = 20.0, 26.0
 DERP_IDLE_CLOSE = 60.0
@@ -123,29 +121,6 @@ def local_addresses() -> list[str]:
     return out
 
 
-def _bind(host: str | None, port: int) -> socket.socket:
-    if host is None or ":" in host:
-        try:
-            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.bind((host or "::", port))
-        except OSError:
-            s.close()
-            if host is not None:
-                raise
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind(("0.0.0.0", port))
-    else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((host, port))
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            s.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
-    s.setblocking(False)
-    return s
-
 
 class MagicConn:
     def __init__(self, device, sock: socket.socket, *, node_private, disco_private,
@@ -159,15 +134,13 @@ class MagicConn:
         self.on_packets = on_packets
         self.on_endpoints = on_endpoints or (lambda eps: None)
         self.on_home_derp = on_home_derp or (lambda region: None)
-        self.family = sock.family
+        self.addrs = UdpAddrs(sock.family)
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
         self.peers: dict[NodePublic, _Peer] = {}
         self._by_raw: dict[bytes, _Peer] = {}
         self._by_disco: dict[bytes, _Peer] = {}
         self._by_addr: dict[Addr, _Peer] = {}
-        self._addr_cache: dict = {}
-        self._sockaddr_cache: dict = {}
         self.derp_map = None
         self.home = 0
         self.derps: dict[int, _Derp] = {}
@@ -175,8 +148,7 @@ class MagicConn:
         self.region_latency: dict[int, float] = {}
         self.reflexive: Addr | None = None
         self._endpoints: list = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = DeadlineTimer(self.loop, self._on_timer)
         self._tasks: set[asyncio.Task] = set()
         self._next_stun = 0.0
         self._next_derp_clean = 0.0
@@ -195,7 +167,7 @@ class MagicConn:
     async def create(cls, device, *, node_private, disco_private, port: int = 0,
                      host: str | None = None, on_packets, on_endpoints=None,
                      on_home_derp=None) -> "MagicConn":
-        return cls(device, _bind(host, port), node_private=node_private,
+        return cls(device, bind_udp(host, port), node_private=node_private,
                    disco_private=disco_private, on_packets=on_packets,
                    on_endpoints=on_endpoints, on_home_derp=on_home_derp)
 
@@ -310,18 +282,6 @@ class MagicConn:
         self._after_input()
 
     # -- UDP receive -----------------------------------------------------------------------------
-    def _norm(self, addr) -> Addr:
-        ep = self._addr_cache.get(addr)
-        if ep is None:
-            host = addr[0]
-            if host.startswith("::ffff:") and "." in host:
-                host = host[7:]
-            ep = (host, addr[1])
-            if len(self._addr_cache) > 4096:
-                self._addr_cache.clear()
-            self._addr_cache[addr] = ep
-        return ep
-
     def _on_readable(self) -> None:
         recvfrom_into = self.sock.recvfrom_into
         view = self._view
@@ -339,7 +299,7 @@ class MagicConn:
                 log.debug("udp receive error: %s", e)
                 break
             n_read += 1
-            addr = self._norm(raw_addr)
+            addr = self.addrs.norm(raw_addr)
             b0 = view[0] if n else 0
             if 1 <= b0 <= 4 and n >= 32:                   # WireGuard: the hot path
                 ep = by_addr.get(addr)
@@ -470,7 +430,7 @@ class MagicConn:
         region, sent = pending
         self.region_latency[region] = now - sent
         if mapped is not None:
-            mapped = self._norm(tuple(mapped))
+            mapped = self.addrs.norm(tuple(mapped))
             if mapped != self.reflexive:
                 self.reflexive = mapped
                 self._refresh_endpoints()
@@ -482,7 +442,7 @@ class MagicConn:
             addrs = local_addresses()
         except OSError:
             addrs = []
-        v6_ok = self.family == socket.AF_INET6
+        v6_ok = self.addrs.family == socket.AF_INET6
         for ip in addrs:
             if ":" in ip and not v6_ok:
                 continue
@@ -505,21 +465,9 @@ class MagicConn:
             send(p, now)
         self._flush()
 
-    def _sockaddr(self, ep: Addr):
-        sa = self._sockaddr_cache.get(ep)
-        if sa is None:
-            host, port = ep
-            if self.family == socket.AF_INET6 and ":" not in host:
-                host = "::ffff:" + host
-            sa = (host, port)
-            if len(self._sockaddr_cache) > 4096:
-                self._sockaddr_cache.clear()
-            self._sockaddr_cache[ep] = sa
-        return sa
-
     def _send_udp(self, data: bytes, addr: Addr) -> bool:
         try:
-            self.sock.sendto(data, self._sockaddr(addr))
+            self.sock.sendto(data, self.addrs.sockaddr(addr))
             self.counters["tx_udp"] += 1
             return True
         except (BlockingIOError, InterruptedError, OSError) as e:
@@ -534,7 +482,7 @@ class MagicConn:
         if out:
             now = self.loop.time()
             sendto = self.sock.sendto
-            sockaddr = self._sockaddr
+            sockaddr = self.addrs.sockaddr
             sent = errors = 0
             for data, ep in out:
                 if type(ep) is _Peer:
@@ -556,7 +504,7 @@ class MagicConn:
                         self._derp_send(region, ep.raw, data)
                     elif addr is None:
                         self.counters["tx_derp_no_region"] += 1
-                    if ep.paths._ping_out or ep.paths._cmm_due:
+                    if ep.paths.has_disco_out:
                         self._send_disco_for(ep)
                 else:
                     try:
@@ -570,19 +518,9 @@ class MagicConn:
 
     # -- timers ----------------------------------------------------------------------------------
     def _arm(self) -> None:
-        d = self.device.next_deadline()
-        if d is None:
-            return
-        if self._timer is not None:
-            if self._timer_at is not None and self._timer_at <= d:
-                return
-            self._timer.cancel()
-        self._timer_at = d
-        self._timer = self.loop.call_at(d, self._on_timer)
+        self._timer.arm(self.device.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         if self.closed:
             return
         self.device.handle_timer(self.loop.time())
@@ -597,7 +535,7 @@ class MagicConn:
                 d = ep.paths.next_deadline()
                 if d is not None and d <= now:
                     ep.paths.handle_timer(now)
-                    if ep.paths._ping_out or ep.paths._cmm_due:
+                    if ep.paths.has_disco_out:
                         self._send_disco_for(ep)
             if now >= self._next_stun and self.derp_map is not None:
                 self._next_stun = now + random.uniform(RESTUN_MIN, RESTUN_MAX)
@@ -647,8 +585,7 @@ class MagicConn:
             return
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self._tick_handle.cancel()
         for region in list(self.derps):
             entry = self.derps.pop(region)

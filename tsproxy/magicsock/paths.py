@@ -153,6 +153,11 @@ class PeerPaths:
         region = self.home_derp or self.last_derp_region
         return self.best, region
 
+    @property
+    def has_disco_out(self) -> bool:
+        """Pings or a call-me-maybe are waiting to be sent."""
+        return bool(self._ping_out) or self._cmm_due
+
     def take_pings(self) -> list[tuple[Addr, bytes]]:
         out, self._ping_out = self._ping_out, []
         return out

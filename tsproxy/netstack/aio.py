@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import logging
 
+from tsproxy.aio import DeadlineTimer
 from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, HostUnreachable,
                             NetworkUnreachable, NotAllowed)
 from tsproxy.netstack import tcp as T
@@ -321,8 +322,7 @@ class NetstackRuntime:
         self.streams: dict = {}
         self.servers: dict = {}                    # port -> callback
         self._tasks: set = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = DeadlineTimer(self.loop, self._on_timer)
         self._kicked = False
         self.closed = False
         self.counters = stack.counters
@@ -369,19 +369,9 @@ class NetstackRuntime:
         self._arm()
 
     def _arm(self) -> None:
-        d = self.stack.next_deadline()
-        if d is None:
-            return
-        if self._timer is not None:
-            if self._timer_at is not None and self._timer_at <= d:
-                return
-            self._timer.cancel()
-        self._timer_at = d
-        self._timer = self.loop.call_at(d, self._on_timer)
+        self._timer.arm(self.stack.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         self.stack.handle_timer(self.loop.time())
         self._process()
 
@@ -449,8 +439,7 @@ class NetstackRuntime:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
 
 
 class _TunnelServer:

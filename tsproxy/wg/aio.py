@@ -15,11 +15,12 @@ import socket
 import time
 from typing import Callable
 
+from tsproxy.aio import DeadlineTimer, UdpAddrs, bind_udp
+
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65536
 MAX_PER_WAKEUP = 4096          # yield to the loop now and then under a flood
-SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class WgUdpTransport:
@@ -28,13 +29,10 @@ class WgUdpTransport:
         self.sock = sock
         self.on_packets = on_packets
         self.loop = asyncio.get_running_loop()
-        self.family = sock.family
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._addr_cache: dict = {}
-        self._sockaddr_cache: dict = {}
+        self._timer = DeadlineTimer(self.loop, self._on_timer)
+        self.addrs = UdpAddrs(sock.family)
         self.counters = {"rx_datagrams": 0, "tx_datagrams": 0, "tx_errors": 0, "rx_errors": 0}
         self.closed = False
         # TAI64N timestamps need wall time; the core only sees the loop clock
@@ -45,7 +43,7 @@ class WgUdpTransport:
     @classmethod
     async def create(cls, device, *, port: int = 0, host: str | None = None,
                      on_packets: Callable[[list[bytes]], None]) -> "WgUdpTransport":
-        sock = _bind(host, port)
+        sock = bind_udp(host, port)
         return cls(device, sock, on_packets)
 
     @property
@@ -53,23 +51,11 @@ class WgUdpTransport:
         return self.sock.getsockname()[1]
 
     # -- receive --------------------------------------------------------------------------
-    def _norm(self, addr):
-        ep = self._addr_cache.get(addr)
-        if ep is None:
-            host = addr[0]
-            if host.startswith("::ffff:") and "." in host:
-                host = host[7:]
-            ep = (host, addr[1])
-            if len(self._addr_cache) > 4096:
-                self._addr_cache.clear()
-            self._addr_cache[addr] = ep
-        return ep
-
     def _on_readable(self) -> None:
         recvfrom_into = self.sock.recvfrom_into
         view = self._view
         receive = self.device.receive_datagram
-        norm = self._norm
+        norm = self.addrs.norm
         now = self.loop.time()
         n_read = 0
         while n_read < MAX_PER_WAKEUP:
@@ -101,25 +87,13 @@ class WgUdpTransport:
             send(p, now)
         self._flush()
 
-    def _sockaddr(self, ep):
-        sa = self._sockaddr_cache.get(ep)
-        if sa is None:
-            host, port = ep
-            if self.family == socket.AF_INET6 and ":" not in host:
-                host = "::ffff:" + host
-            sa = (host, port)
-            if len(self._sockaddr_cache) > 4096:
-                self._sockaddr_cache.clear()
-            self._sockaddr_cache[ep] = sa
-        return sa
-
     def _flush(self) -> None:
         if self.closed:
             return
         out = self.device.datagrams_to_send()
         if out:
             sendto = self.sock.sendto
-            sockaddr = self._sockaddr
+            sockaddr = self.addrs.sockaddr
             sent = 0
             for data, ep in out:
                 try:
@@ -134,19 +108,9 @@ class WgUdpTransport:
         self._arm()
 
     def _arm(self) -> None:
-        d = self.device.next_deadline()
-        if d is None:
-            return
-        if self._timer is not None:
-            if self._timer_at is not None and self._timer_at <= d:
-                return
-            self._timer.cancel()
-        self._timer_at = d
-        self._timer = self.loop.call_at(d, self._on_timer)
+        self._timer.arm(self.device.next_deadline())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         if self.closed:
             return
         self.device.handle_timer(self.loop.time())
@@ -156,35 +120,7 @@ class WgUdpTransport:
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
-
-def _bind(host: str | None, port: int) -> socket.socket:
-    """Dual-stack when possible; an explicit IPv4 host gets a plain IPv4 socket."""
-    host = str(host) if host else None          # ipaddress objects welcome
-    if host and ":" not in host:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        addr = (host, port)
-    else:
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            addr = (host or "::", port)
-        except OSError:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            addr = ("0.0.0.0", port)
-    try:
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-            except OSError:
-                pass
-        sock.setblocking(False)
-        sock.bind(addr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
