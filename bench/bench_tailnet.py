@@ -23,41 +23,23 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import MB, curl_rate, ratio_line, run_repeated, save_results  # noqa: E402
 from tests.conftest import Daemon, free_port  # noqa: E402
+from tests.tailnet_helpers import eventually, path_of  # noqa: E402
+from tsproxy.testing.impair import clear_udp_drop, drop_udp_between  # noqa: E402
 from tsproxy.testing.netns import Namespace, run  # noqa: E402
 from tsproxy.testing.tailnet import TestTailnet  # noqa: E402
 from tsproxy.testing.tsgo import GoTailscaleNode, block_udp, unblock_udp  # noqa: E402
 
 
 def wait(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return
-        time.sleep(0.3)
-    raise SystemExit(f"bench setup: {what} not reached in {timeout}s")
-
-
-def path_of(d, name):
-    for p in d.status()["peers"]:
-        if p["name"] == name:
-            return p["path"] or ""
-    return ""
-
-
-def block_pair(p1: int, p2: int) -> None:
-    rules = ("table inet tsp_bench_block {\n chain i { type filter hook input priority 0;\n"
-             f"  udp sport {p1} udp dport {p2} drop;\n  udp sport {p2} udp dport {p1} drop;\n }}\n}}\n")
-    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
-
-
-def unblock_pair() -> None:
-    subprocess.run(["nft", "delete", "table", "inet", "tsp_bench_block"], capture_output=True)
+    try:
+        eventually(fn, timeout, what, interval=0.3)
+    except AssertionError as e:
+        raise SystemExit(f"bench setup: {e}") from None
 
 
 def main():
@@ -143,12 +125,12 @@ def main():
             results.append(run_repeated("Go tsnet -> Go node, DERP", "MB/s",
                                         lambda: curl_rate([go_url], ns=ns2.name, expect_bytes=size),
                                         a.runs, 1))
-            block_pair(pa, pb)
+            drop_udp_between(pa, pb)
             try:
                 settle(tsp_a, "tsp-b", "derp", small("http://tsp-b:8080/"))
                 results.append(run_repeated("tsproxy -> tsproxy, DERP", "MB/s", ts_to_ts, a.runs, 1))
             finally:
-                unblock_pair()
+                clear_udp_drop()
             print(f"\n{a.mb} MB downloads, {a.runs} runs each, median [min..max]:")
             for s in results:
                 print("  " + s.line())
@@ -166,7 +148,7 @@ def main():
             n.stop()
         if srv is not None:
             srv.terminate()
-        unblock_pair()
+        clear_udp_drop()
         ns1.close()
         ns2.close()
         run(["rm", "-rf", work], check=False)

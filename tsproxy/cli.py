@@ -277,7 +277,7 @@ def format_status(st: dict) -> str:
     lines.append(f"{'peer':<14} {'path':<28} {'handshake':<12} {'rx':>10} {'tx':>10}")
     for p in st.get("peers", []):
         name = p['name'] + ("" if p.get("online", True) is not False else " (offline)")
-        lines.append(f"{name:<14} {str(p.get('endpoint') or '-'):<28} "
+        lines.append(f"{name:<14} {str(p.get('path') or p.get('endpoint') or '-'):<28} "
                      f"{_ago(p.get('handshake_age')):<12} {_bytes(p.get('rx_bytes', 0)):>10} "
                      f"{_bytes(p.get('tx_bytes', 0)):>10}")
     return "\n".join(lines)

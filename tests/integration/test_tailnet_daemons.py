@@ -4,8 +4,6 @@ lifecycle (restart with stored keys, interactive login, rejected key, unreachabl
 expiry, control restart, malformed map message) never breaks a working tunnel."""
 
 import hashlib
-import http.server
-import json
 import os
 import re
 import socket
@@ -19,47 +17,16 @@ import pytest
 
 from tests.conftest import REPO, Daemon, free_port
 from tsproxy.daemon import ipc, statedir
-from tsproxy.testing.servers import pattern_chunks, pattern_sha256
+from tests.tailnet_helpers import eventually, peer_status, start_page_server
+from tsproxy.testing.servers import pattern_sha256
 
 pytestmark = [pytest.mark.timeout(300)]
 MB = 1_000_000
 
 
-class _Web(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        parts = self.path.strip("/").split("/")
-        if parts[0] == "bytes":
-            n, seconds = int(parts[1]), 0.0
-        elif parts[0] == "drip":
-            n, seconds = int(parts[1]), float(parts[2])
-        else:
-            body = b"hello from tsp-b\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(n))
-        self.end_headers()
-        chunks = list(pattern_chunks(n, 64 * 1024))
-        pause = seconds / max(len(chunks), 1)
-        for c in chunks:
-            self.wfile.write(c)
-            if pause:
-                time.sleep(pause)
-
-    def log_message(self, *a):
-        pass
-
-
 @pytest.fixture(scope="module")
 def web():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Web)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = start_page_server()
     yield srv.server_address[1]
     srv.shutdown()
 
@@ -131,36 +98,18 @@ def socks_get(port, url, timeout=60):
     return h.hexdigest(), n, gap
 
 
-def peer_entry(d, name):
-    for p in d.status()["peers"]:
-        if p["name"] == name:
-            return p
-    return None
-
-
-def eventually(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
-
-
 def test_two_nodes_reach_each_other_by_name(pair):
     a, b = pair
     st = a.status()
     assert st["mode"] == "tailscale" and st["self"]["name"] == "tsp-a.tailnet.test"
     assert st["home_derp"] == 900
-    eventually(lambda: peer_entry(a, "tsp-b"), 20, "tsp-b in tsp-a's netmap")
+    eventually(lambda: peer_status(a, "tsp-b"), 20, "tsp-b in tsp-a's netmap")
     digest, n, _ = socks_get(a.proxy_port, "http://tsp-b:8080/bytes/3000000")
     assert (digest, n) == (pattern_sha256(3 * MB), 3 * MB)
     digest, n, _ = socks_get(a.proxy_port, "http://tsp-b.tailnet.test:8080/bytes/1000")
     assert n == 1000
     p = eventually(lambda: (lambda p: p if p and p["path"].startswith("direct") else None)(
-        peer_entry(a, "tsp-b")), 30, "direct path between the two nodes")
+        peer_status(a, "tsp-b")), 30, "direct path between the two nodes")
     assert p["handshakes"] >= 1 and p["rx_bytes"] > 3 * MB
     # the CLI's human status shows the peer and its path
     out = subprocess.run([sys.executable, "-m", "tsproxy", "status", "--state-dir", a.state_dir],
@@ -233,7 +182,7 @@ def test_malformed_map_message_drops_stream_keeps_netmap(pair, tailnet):
     streams = tailnet.call(lambda: tailnet.control.counters["map_stream"])
     assert tailnet.call(tailnet.control.inject_raw, node.id, b"\x08\x00\x00\x00not zstd")
     tailnet.wait(lambda: tailnet.control.counters["map_stream"] > streams, 60, "a reconnects")
-    assert peer_entry(a, "tsp-b") is not None
+    assert peer_status(a, "tsp-b") is not None
     digest, n, _ = socks_get(a.proxy_port, "http://tsp-b:8080/bytes/100000")
     assert n == 100000
     with open(os.path.join(a.state_dir, "test-daemon.log")) as f:
@@ -254,7 +203,7 @@ def test_key_expiry_reregisters_and_tunnel_recovers(pair, tailnet):
     assert reg and reg[-1]["NodeKey"] == after.node_key
     # tsp-a learns the new key from a delta and renegotiates WireGuard with it
     eventually(lambda: (lambda p: p and p["node_key"] == after.node_key and not p["expired"])(
-        peer_entry(a, "tsp-b")), 30, "tsp-a sees tsp-b's new key")
+        peer_status(a, "tsp-b")), 30, "tsp-a sees tsp-b's new key")
     digest, n, _ = socks_get(a.proxy_port, f"http://tsp-b:8080/bytes/{2 * MB}")
     assert (digest, n) == (pattern_sha256(2 * MB), 2 * MB)
     assert b.status()["self"]["node_key"] == after.node_key

@@ -4,55 +4,23 @@ out.  curl reaches the Go node through tsproxy's SOCKS5 proxy over DERP only (UD
 then over a direct UDP path; the Go node reaches a tsproxy reverse forward; logout removes
 tsproxy from the Go node's netmap."""
 
-import http.server
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from tests.conftest import REPO, Daemon, free_port
-from tsproxy.testing.peers import require
+from tests.tailnet_helpers import eventually, peer_status, socks_curl, start_page_server
 
 pytestmark = [pytest.mark.timeout(600)]
-PAGE = b"hello from a local service behind tsproxy\n"
-
-
-@pytest.fixture(scope="module")
-def go_ns():
-    require("caddy", "curl", "nft")
-    from tsproxy.testing.netns import Namespace
-    ns = Namespace("tsgo")
-    try:
-        _, _, root_ip, ns_ip = ns.veth_to_root()
-        ns.root_ip, ns.ns_ip = str(root_ip), str(ns_ip)
-        yield ns
-    finally:
-        ns.close()
-
-
-@pytest.fixture(scope="module")
-def tailnet(go_ns):
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host=go_ns.root_ip) as net:
-        yield net
+PAGE = b"hello from tsp-b\n"            # what tests.tailnet_helpers' page server answers on /
 
 
 @pytest.fixture(scope="module")
 def local_service():
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(PAGE)))
-            self.end_headers()
-            self.wfile.write(PAGE)
-
-        def log_message(self, *a):
-            pass
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = start_page_server()
     yield srv.server_address[1]
     srv.shutdown()
 
@@ -90,54 +58,30 @@ def peer_a(go_ns, tailnet, tsp, tmp_path_factory):
         node.stop()
 
 
-def curl_socks(port, url, timeout=20):
-    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), "--socks5-hostname",
-                           f"127.0.0.1:{port}", url], capture_output=True, text=True,
-                          timeout=timeout + 5)
-
-
-def peer(st, name):
-    for p in st["peers"]:
-        if p["name"] == name:
-            return p
-    return None
-
-
-def eventually(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
-
-
 def test_derp_only_then_direct(tsp, peer_a, go_ns):
     from tsproxy.testing.tsgo import unblock_udp
     st = tsp.status()
     assert st["mode"] == "tailscale" and st["state"] == "Running"
     assert st["self"]["name"] == "tsp.tailnet.test" and st["home_derp"] == 900
-    eventually(lambda: peer(tsp.status(), "peer-a"), 30, "peer-a in our netmap")
+    eventually(lambda: peer_status(tsp, "peer-a"), 30, "peer-a in our netmap")
     # (a) UDP blocked in the Go namespace: only DERP can carry it
     r = eventually(lambda: (lambda r: r if r.stdout == "hello from peer-a" else None)(
-        curl_socks(tsp.proxy_port, "http://peer-a/")), 60, "page over DERP")
-    p = peer(tsp.status(), "peer-a")
+        socks_curl(tsp.proxy_port, "http://peer-a/")), 60, "page over DERP")
+    p = peer_status(tsp, "peer-a")
     assert p["path"].startswith("derp"), p
     assert p["handshakes"] >= 1 and p["rx_bytes"] > 0
-    r = curl_socks(tsp.proxy_port, "http://peer-a.tailnet.test/")
+    r = socks_curl(tsp.proxy_port, "http://peer-a.tailnet.test/")
     assert r.stdout == "hello from peer-a", r.stderr
     # (b) UDP open: disco finds the direct path and the status shows it
     unblock_udp(go_ns)
 
     def direct():
-        curl_socks(tsp.proxy_port, "http://peer-a/", timeout=5)
-        p = peer(tsp.status(), "peer-a")
+        socks_curl(tsp.proxy_port, "http://peer-a/", timeout=5)
+        p = peer_status(tsp, "peer-a")
         return p if p["path"].startswith("direct") else None
     p = eventually(direct, 60, "direct path")
     assert go_ns.ns_ip in p["path"]
-    assert curl_socks(tsp.proxy_port, "http://peer-a/").stdout == "hello from peer-a"
+    assert socks_curl(tsp.proxy_port, "http://peer-a/").stdout == "hello from peer-a"
 
 
 def test_go_node_reaches_our_reverse_forward(tsp, peer_a):

@@ -8,7 +8,6 @@ import hashlib
 import os
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ import time
 import pytest
 
 from tests.conftest import Daemon, free_port
-from tsproxy.testing.peers import require
+from tests.tailnet_helpers import eventually, path_of, socks_curl
 from tsproxy.testing.servers import pattern_sha256
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -24,25 +23,10 @@ MB = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def go_ns():
-    require("caddy", "curl", "nft")
-    from tsproxy.testing.netns import Namespace
-    ns = Namespace("tsgl")
-    try:
-        _, _, root_ip, ns_ip = ns.veth_to_root()
-        ns.root_ip, ns.ns_ip = str(root_ip), str(ns_ip)
-        ns.spawn([sys.executable, "-m", "tsproxy.testing.servers", "--bind", "127.0.0.2",
-                  "--name", "peer-a-svc"])
-        yield ns
-    finally:
-        ns.close()
-
-
-@pytest.fixture(scope="module")
-def tailnet(go_ns):
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host=go_ns.root_ip) as net:
-        yield net
+def svc(go_ns):
+    """The download server inside the Go node's namespace (peer-a proxies /svc/* to it)."""
+    go_ns.spawn([sys.executable, "-m", "tsproxy.testing.servers", "--bind", "127.0.0.2",
+                 "--name", "peer-a-svc"])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +44,7 @@ def tsp(tailnet, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def peer_a(go_ns, tailnet, tsp, tmp_path_factory):
+def peer_a(go_ns, svc, tailnet, tsp, tmp_path_factory):
     from tsproxy.testing.tsgo import GoTailscaleNode
     node = GoTailscaleNode(go_ns, control_url=tailnet.control_url, auth_key=tailnet.auth_key,
                            workdir=str(tmp_path_factory.mktemp("goa")), hostname="peer-a",
@@ -77,27 +61,7 @@ def peer_a(go_ns, tailnet, tsp, tmp_path_factory):
 
 
 def curl(tsp, url, timeout=20):
-    return subprocess.run(["curl", "-sS", "--max-time", str(timeout), "--socks5-hostname",
-                           f"127.0.0.1:{tsp.proxy_port}", url], capture_output=True, text=True,
-                          timeout=timeout + 5)
-
-
-def eventually(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
-
-
-def path_of(tsp, name="peer-a"):
-    for p in tsp.status()["peers"]:
-        if p["name"] == name:
-            return p["path"] or ""
-    return ""
+    return socks_curl(tsp.proxy_port, url, timeout=timeout)
 
 
 def socks_connect(port, host, dport, timeout=30):
@@ -150,7 +114,7 @@ def test_derp_restart_mid_transfer_completes(tsp, peer_a, go_ns, tailnet):
     from tsproxy.testing.tsgo import block_udp, unblock_udp
     block_udp(go_ns)
     try:
-        eventually(lambda: path_of(tsp).startswith("derp"), 30, "DERP path")
+        eventually(lambda: path_of(tsp, "peer-a").startswith("derp"), 30, "DERP path")
         size = 6 * MB
         t, out = in_background(timed_download, tsp, f"/svc/drip/{size}/10")
         time.sleep(3)
@@ -170,7 +134,7 @@ def test_direct_path_blackholed_mid_transfer_falls_back_to_derp(tsp, peer_a, go_
 
     def direct():
         curl(tsp, "http://peer-a/", timeout=5)
-        return path_of(tsp).startswith("direct")
+        return path_of(tsp, "peer-a").startswith("direct")
     eventually(direct, 60, "direct path")
     size = 6 * MB
     derp_before = tsp.counters().get("magicsock.rx_derp", 0)
@@ -182,7 +146,7 @@ def test_direct_path_blackholed_mid_transfer_falls_back_to_derp(tsp, peer_a, go_
         assert "error" not in out, out.get("error")
         assert (out["sha"], out["n"]) == (pattern_sha256(size), size)
         assert tsp.counters()["magicsock.rx_derp"] > derp_before + 100
-        eventually(lambda: path_of(tsp).startswith("derp"), 30, "status shows DERP again")
+        eventually(lambda: path_of(tsp, "peer-a").startswith("derp"), 30, "status shows DERP again")
     finally:
         unblock_udp(go_ns)
 

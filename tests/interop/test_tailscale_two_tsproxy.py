@@ -2,51 +2,28 @@
 (nftables, root namespace) they reach each other through the DERP relay only; with it allowed,
 disco proves a direct path and the status shows it."""
 
-import subprocess
 import time
 
 import pytest
 
 from tests.conftest import Daemon, free_port
-from tests.integration.test_tailnet_daemons import _Web  # noqa: F401  (the same page server)
+from tests.tailnet_helpers import path_of, socks_curl, start_page_server
+from tsproxy.testing.impair import clear_udp_drop, drop_udp_between
 from tsproxy.testing.peers import require
 
 pytestmark = [pytest.mark.timeout(300)]
-TABLE = "tsp_two_nodes_block"
-
-
-def block(p1, p2):
-    rules = (f"table inet {TABLE} {{\n chain i {{ type filter hook input priority 0;\n"
-             f"  udp sport {p1} udp dport {p2} drop;\n  udp sport {p2} udp dport {p1} drop;\n }}\n}}\n")
-    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
-
-
-def unblock():
-    subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True)
-
-
-def path_of(d, name):
-    for p in d.status()["peers"]:
-        if p["name"] == name:
-            return p["path"] or ""
-    return ""
 
 
 def curl(port, url, *extra):
-    return subprocess.run(["curl", "-sS", "--max-time", "10", *extra, "--socks5-hostname",
-                           f"127.0.0.1:{port}", url], capture_output=True, text=True)
+    return socks_curl(port, url, *extra, timeout=10)
 
 
 def test_derp_only_then_direct(tmp_path):
     require("nft", "curl")
-    import http.server
-    import threading
-
     from tsproxy.testing.tailnet import TestTailnet
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Web)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = start_page_server()
     pa, pb, socks = free_port(), free_port(), free_port()
-    block(pa, pb)
+    drop_udp_between(pa, pb)
     daemons = []
     try:
         with TestTailnet(host="127.0.0.1") as net:
@@ -68,7 +45,7 @@ def test_derp_only_then_direct(tmp_path):
                 assert path_of(a, "tsp-b").startswith("derp"), path_of(a, "tsp-b")
             st = a.status()["magicsock"]
             assert st["counters"]["tx_derp"] > 0 and st["home_derp"] == 900
-            unblock()
+            clear_udp_drop()
             deadline = time.monotonic() + 60
             while not path_of(a, "tsp-b").startswith("direct"):
                 assert time.monotonic() < deadline, path_of(a, "tsp-b")
@@ -77,7 +54,7 @@ def test_derp_only_then_direct(tmp_path):
             assert path_of(b, "tsp-a").startswith("direct")
             assert curl(socks, "http://tsp-b:8080/").stdout == "hello from tsp-b\n"
     finally:
-        unblock()
+        clear_udp_drop()
         for d in daemons:
             d.stop()
         srv.shutdown()

@@ -413,9 +413,10 @@ class Daemon:
 
     def _tailnet_status(self) -> dict:
         t = self.tailnet.status()
-        state = self.state if self.state in ("Running", "Stopping") else self.tailnet.state
-        if state == "Running" and self.state != "Running":
-            state = "Starting"
+        state = self.state
+        if state not in ("Running", "Stopping"):
+            # logged in but the data plane or the listeners are still coming up: Starting
+            state = "Starting" if t["control"]["state"] == "Running" else t["control"]["state"]
         return {
             "ok": True, "state": state, "mode": "tailscale", "pid": os.getpid(),
             "uptime": time.time() - self.started,

@@ -76,9 +76,7 @@ class TailnetPlane:
     def __init__(self, *, control_url: str, state_dir: str, hostname: str,
                  auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
                  non_tailnet: str = "direct"):
-        self.control_url = control_url
         self.store = StateStore(state_dir, ephemeral=ephemeral)
-        self.hostname = hostname
         self.udp_port = udp_port
         self.non_tailnet = non_tailnet
         self.control = ControlClient(control_url, self.store, hostname=hostname,
@@ -89,12 +87,11 @@ class TailnetPlane:
         self.netstack = None
         self.dialer = None
         self.filter = None
+        self.split_dns = None
         self.netmap = None            # the netmap the data plane reflects
-        self._applied = None
         self._nm_ready = asyncio.Event()
         self._first_applied = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self.auth_url = ""
         self.on_applied = None        # called with each netmap once the data plane reflects it
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -138,7 +135,6 @@ class TailnetPlane:
 
     # -- netmap -> data plane --------------------------------------------------------------------
     def _on_auth_url(self, url: str) -> None:
-        self.auth_url = url
         # the URL is what the user must open; it is not a secret
         log.warning("to log in, open %s", url)
 
@@ -207,25 +203,18 @@ class TailnetPlane:
             stack.addr_set = {a.packed for a in addrs}
         self.magic.set_derp_map(nm.derp_map)
         self.magic.set_peers(list(nm.wireguard_peers().values()))
-        apply_peer_diff(self.device, diff_peers(self._applied, nm),
+        apply_peer_diff(self.device, diff_peers(self.netmap, nm),
                         endpoint_for=self.magic.endpoint_for)
         self.filter.set_match(nm.packet_filter.match)
         self.dialer.set_names(nm.names)
         self.split_dns.update(nm.dns.routes)
         self.dialer.prefixes = tailnet_prefixes(nm)
         self.dialer.dns_suffixes = [nm.magicdns_suffix] if nm.magicdns_suffix else []
-        self._applied = self.netmap = nm
+        self.netmap = nm
         if self.on_applied is not None:
             self.on_applied(nm)
 
     # -- status --------------------------------------------------------------------------------
-    @property
-    def state(self) -> str:
-        st = self.control.state
-        if st == "Running" and not self._first_applied.is_set():
-            return "Starting"
-        return st
-
     def addresses(self) -> list[str]:
         return [str(a) for a in self.netmap.addresses] if self.netmap else []
 
@@ -247,23 +236,20 @@ class TailnetPlane:
             out["magicsock"] = ms
             out["home_derp"] = ms.get("home_derp")
             paths = {p["node_key"]: p for p in self.magic.peer_status()}
-        dev = {p["public_key"]: p for p in self.device.peer_status()} if self.device else {}
         now = time.time()
         for node in sorted(nm.peers.values(), key=lambda n: n.name):
             key = node.key.text() if node.key else ""
             ps = paths.get(key, {})
-            ds = dev.get(node.key.b64(), {}) if node.key else {}
-            hs = ds.get("last_handshake")
+            hs = ps.get("last_handshake")
             out["peers"].append({
                 "name": node.short_name(nm.magicdns_suffix) or node.name,
                 "fqdn": node.name.rstrip("."),
                 "addresses": [str(a.network_address) for a in node.addresses],
                 "online": node.online, "expired": node.expired,
                 "node_key": key, "path": ps.get("path"), "latency_ms": ps.get("latency_ms"),
-                "endpoint": ps.get("path"),
                 "handshake_age": (now - hs) if hs else None,
-                "handshakes": ds.get("handshakes", 0),
-                "rx_bytes": ds.get("rx_bytes", 0), "tx_bytes": ds.get("tx_bytes", 0),
+                "handshakes": ps.get("handshakes", 0),
+                "rx_bytes": ps.get("rx_bytes", 0), "tx_bytes": ps.get("tx_bytes", 0),
             })
         return out
 

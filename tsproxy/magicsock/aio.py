@@ -565,6 +565,7 @@ class MagicConn:
             out.append({"node_key": key.text(), "path": ep.path_text(),
                         "latency_ms": round(lat * 1000, 2) if lat is not None else None,
                         "last_handshake": d.get("last_handshake"),
+                        "handshakes": d.get("handshakes", 0),
                         "rx_bytes": d.get("rx_bytes", 0), "tx_bytes": d.get("tx_bytes", 0),
                         "rx_udp_bytes": ep.rx_udp, "rx_derp_bytes": ep.rx_derp,
                         "tx_udp_bytes": ep.tx_udp, "tx_derp_bytes": ep.tx_derp,

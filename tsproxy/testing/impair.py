@@ -3,8 +3,12 @@
     loss:  nftables `numgen random mod 1000 < N drop` on the WireGuard UDP port, both ways
     rate:  tc tbf bottleneck on an interface's egress
 
+    drop_udp_between: nftables drop of UDP between two ports (both directions)
+
 Everything lives in one nft table / the root qdisc of interfaces we name, so `clear`
-removes exactly what we added.  Only ever applied inside a namespace a test created.
+removes exactly what we added.  Applied inside a namespace a test created, except
+drop_udp_between, which may take ns=None for two of our own processes in the root namespace
+(it matches only their two ports).
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ from __future__ import annotations
 from tsproxy.testing.peers import find_binary
 
 TABLE = "tsploss"
+PAIR_TABLE = "tsp_udp_pair_drop"
 
 
 def _exec(ns, cmd: list[str], check: bool = True, **kw):
-    # `ns` is a netns.Namespace or anything with the same exec() (e.g. WireGuardPeer).
+    # `ns` is a netns.Namespace or anything with the same exec() (e.g. WireGuardPeer);
+    # None is the root namespace
+    if ns is None:
+        import subprocess
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
     return ns.exec(cmd, check=check, **kw)
 
 
@@ -63,3 +72,17 @@ def clear(ns, ifnames: tuple[str, ...] = ()) -> None:
     clear_loss(ns)
     for ifname in ifnames:
         clear_rate(ns, ifname)
+
+
+def drop_udp_between(port_a: int, port_b: int, ns=None) -> None:
+    """Drop every UDP datagram between the two ports, both ways (e.g. force two tailnet nodes
+    onto their DERP relay)."""
+    clear_udp_drop(ns)
+    rules = (f"table inet {PAIR_TABLE} {{\n chain i {{ type filter hook input priority 0;\n"
+             f"  udp sport {port_a} udp dport {port_b} drop;\n"
+             f"  udp sport {port_b} udp dport {port_a} drop;\n }}\n}}\n")
+    _exec(ns, [find_binary("nft"), "-f", "-"], input=rules)
+
+
+def clear_udp_drop(ns=None) -> None:
+    _exec(ns, [find_binary("nft"), "delete", "table", "inet", PAIR_TABLE], check=False)

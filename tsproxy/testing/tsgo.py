@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 
 from tsproxy.testing.netns import Namespace
@@ -62,13 +63,12 @@ class GoTailscaleNode:
 
     def env(self) -> list[str]:
         home = os.path.join(self.dir, "home")
-        base = urlbase(self.control_url)
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                "HOME": home, "XDG_CONFIG_HOME": home + "/.config",
                "XDG_DATA_HOME": home + "/.local/share",
                "TS_NO_LOGS_NO_SUPPORT": "true", "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
                "TS_DISABLE_PORTMAPPER": "1", "TS_LOGS_DIR": os.path.join(self.dir, "tslogs"),
-               "TS_NETCHECK_GENERATE_204_URL": base + "/generate_204", **self.extra_env}
+               "TS_NETCHECK_GENERATE_204_URL": self.control_url.rstrip("/") + "/generate_204", **self.extra_env}
         return [f"{k}={v}" for k, v in env.items()]
 
     def start(self) -> None:
@@ -113,7 +113,6 @@ class GoTailscaleNode:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            import signal
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -123,10 +122,6 @@ class GoTailscaleNode:
             except Exception:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-
-
-def urlbase(url: str) -> str:
-    return url.rstrip("/")
 
 
 def block_udp(ns: Namespace) -> None:

@@ -213,7 +213,6 @@ class TestControlServer:
         self._conn_tasks: set[asyncio.Task] = set()
         self._waiters: dict[str, asyncio.Event] = {}
         self._reaper: asyncio.Task | None = None
-        self.changed = asyncio.Condition()
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -311,24 +310,16 @@ class TestControlServer:
         return hit
 
     def notify(self) -> None:
+        """Wake every map stream: each sends whatever changed for its node."""
         for s in self.streams:
             s.wake.set()
-        asyncio.get_running_loop().create_task(self._notify_waiters())
-
-    async def _notify_waiters(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
 
     async def wait_for(self, predicate, timeout: float = 30.0):
-        """Wait until predicate() is truthy (re-checked on every registry change)."""
+        """Wait until predicate() is truthy; returns its value."""
         async with asyncio.timeout(timeout):
-            async with self.changed:
-                while not (v := predicate()):
-                    try:
-                        await asyncio.wait_for(self.changed.wait(), 0.5)
-                    except TimeoutError:
-                        pass
-                return v
+            while not (v := predicate()):
+                await asyncio.sleep(0.05)
+            return v
 
     async def _reap_loop(self) -> None:
         while True:
@@ -515,7 +506,4 @@ class TestControlServer:
             if node.streams <= 0 and node.id in self.registry.nodes:
                 node.streams = 0
                 self.registry.set_online(node, False, self.clock())
-                try:
-                    self.notify()
-                except RuntimeError:
-                    pass
+                self.notify()
