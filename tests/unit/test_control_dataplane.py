@@ -51,13 +51,13 @@ def test_diffs_drive_wireguard_routes():
         node(3, 3, AllowedIPs=["100.64.0.3/32", "10.9.9.0/24"]),
         node(2, 2, KeyExpiry="2000-01-01T00:00:00Z"), node(4, 4)]})
     d = diff_peers(nm1, nm2)
-    apply_peer_diff(dev, d)
+    apply_peer_diff(dev, d, accept_routes=True)
     assert set(dev.peers) == {K[3], K[4]}
     assert dev.send_packet(ipv4_packet("10.9.9.9"), NOW)
     assert not dev.send_packet(ipv4_packet("100.64.0.2"), NOW)
     status = {p["public_key"]: p for p in dev.peer_status()}
     assert status[K[3].b64()]["allowed_ips"] == ["100.64.0.3/32", "10.9.9.0/24"]
-    assert [str(p) for p in tailnet_prefixes(nm2)] == \
+    assert [str(p) for p in tailnet_prefixes(nm2, accept_routes=True)] == \
         ["10.9.9.0/24", "100.64.0.1/32", "100.64.0.3/32", "100.64.0.4/32"]
 
     # no change -> nothing to do

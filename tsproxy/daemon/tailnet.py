@@ -75,10 +75,13 @@ class SplitDns:
 class TailnetPlane:
     def __init__(self, *, control_url: str, state_dir: str, hostname: str,
                  auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
-                 non_tailnet: str = "direct"):
+                 non_tailnet: str = "direct", accept_routes: bool = False):
         self.store = StateStore(state_dir, ephemeral=ephemeral)
         self.udp_port = udp_port
         self.non_tailnet = non_tailnet
+        # which peers' /0 and subnet routes we take (dataplane.peer_routes); none by default
+        self.exit_node: str | None = None
+        self.accept_routes = accept_routes
         self.control = ControlClient(control_url, self.store, hostname=hostname,
                                      auth_key=auth_key, tags=tags, ephemeral=ephemeral,
                                      on_netmap=self._on_netmap, on_auth_url=self._on_auth_url)
@@ -178,9 +181,12 @@ class TailnetPlane:
         stack = Stack(nm.addresses, mtu=TUN_MTU, now=loop.time(), verify_checksums=False)
         self.netstack = NetstackRuntime(stack, send_packets=self._to_tunnel)
         self.split_dns = SplitDns(self.netstack)
-        self.dialer = Dialer(self.netstack, names=nm.names, tunnel_prefixes=tailnet_prefixes(nm),
+        self.dialer = Dialer(self.netstack, names=nm.names, tunnel_prefixes=self._prefixes(nm),
                              resolver=self.split_dns.resolve, policy=self.non_tailnet,
                              dns_suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [])
+
+    def _prefixes(self, nm) -> list:
+        return tailnet_prefixes(nm, exit_node=self.exit_node, accept_routes=self.accept_routes)
 
     def _from_tunnel(self, packets: list) -> None:
         self.netstack.deliver(self.filter.filter(packets))
@@ -204,11 +210,12 @@ class TailnetPlane:
         self.magic.set_derp_map(nm.derp_map)
         self.magic.set_peers(list(nm.wireguard_peers().values()))
         apply_peer_diff(self.device, diff_peers(self.netmap, nm),
-                        endpoint_for=self.magic.endpoint_for)
+                        endpoint_for=self.magic.endpoint_for, exit_node=self.exit_node,
+                        accept_routes=self.accept_routes)
         self.filter.set_match(nm.packet_filter.match)
         self.dialer.set_names(nm.names)
         self.split_dns.update(nm.dns.routes)
-        self.dialer.prefixes = tailnet_prefixes(nm)
+        self.dialer.prefixes = self._prefixes(nm)
         self.dialer.dns_suffixes = [nm.magicdns_suffix] if nm.magicdns_suffix else []
         self.netmap = nm
         if self.on_applied is not None:
@@ -236,6 +243,8 @@ class TailnetPlane:
             out["magicsock"] = ms
             out["home_derp"] = ms.get("home_derp")
             paths = {p["node_key"]: p for p in self.magic.peer_status()}
+        wg_routes = {p["public_key"]: p["allowed_ips"] for p in self.device.peer_status()} \
+            if self.device is not None else {}
         now = time.time()
         for node in sorted(nm.peers.values(), key=lambda n: n.name):
             key = node.key.text() if node.key else ""
@@ -245,11 +254,13 @@ class TailnetPlane:
                 "name": node.short_name(nm.magicdns_suffix) or node.name,
                 "fqdn": node.name.rstrip("."),
                 "addresses": [str(a.network_address) for a in node.addresses],
+                "allowed_ips": [str(a) for a in node.allowed_ips],
                 "online": node.online, "expired": node.expired,
                 "node_key": key, "path": ps.get("path"), "latency_ms": ps.get("latency_ms"),
                 "handshake_age": (now - hs) if hs else None,
                 "handshakes": ps.get("handshakes", 0),
                 "rx_bytes": ps.get("rx_bytes", 0), "tx_bytes": ps.get("tx_bytes", 0),
+                "routes": wg_routes.get(node.key.b64(), []) if node.key else [],
             })
         return out
 

@@ -36,12 +36,15 @@ def node_json(n: NodeRecord, *, self_view: bool = False) -> dict:
         "ID": n.id, "StableID": n.stable_id, "Name": n.name, "User": n.user_id,
         "Key": n.node_key, "KeyExpiry": format_time(n.key_expiry), "Machine": n.machine,
         "DiscoKey": n.disco_key or "discokey:" + "0" * 64,
-        "Addresses": addrs, "AllowedIPs": addrs, "Endpoints": list(n.endpoints),
+        "Addresses": addrs, "AllowedIPs": addrs + list(n.routes), "Endpoints": list(n.endpoints),
         "HomeDERP": n.home_derp, "Hostinfo": n.hostinfo or {"Hostname": n.hostname},
         "Created": format_time(n.created), "Cap": n.cap, "MachineAuthorized": True,
     }
     if n.tags:
         out["Tags"] = list(n.tags)
+    subnets = [r for r in n.routes if not r.endswith("/0")]
+    if subnets:
+        out["PrimaryRoutes"] = subnets
     if not self_view:
         out["Online"] = n.online
         if not n.online and n.last_seen is not None:

@@ -67,6 +67,7 @@ class NodeRecord:
     last_seen: float | None = None
     cap: int = 0
     streams: int = 0                 # open map streams (a node may briefly have two)
+    routes: list = field(default_factory=list)   # approved extra AllowedIPs (subnets, /0s)
 
     def expired(self, now: float) -> bool:
         return self.key_expiry is not None and self.key_expiry <= now
@@ -295,6 +296,12 @@ class Registry:
     # -- operator actions ----------------------------------------------------------------------
     def expire_node(self, node_id: int, now: float) -> None:
         self.nodes[node_id].key_expiry = now
+        self._changed()
+
+    def set_routes(self, node_id: int, routes) -> None:
+        """Approved routes beyond the node's addresses: subnets, or 0.0.0.0/0 + ::/0 for an
+        exit node (they appear in its AllowedIPs, as Headscale and Tailscale send them)."""
+        self.nodes[node_id].routes = [str(r) for r in routes]
         self._changed()
 
     def delete_node(self, node_id: int) -> None:

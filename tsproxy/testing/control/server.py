@@ -13,7 +13,8 @@ HTTP/1.1 on the listener:
     GET  /generate_204     204 (Go's captive-portal probe, pointed here by TS_NETCHECK_GENERATE_204_URL)
     GET  /debug/nodes      JSON of the registry (for people poking at a running server)
 
-Test hooks: approve(), expire_node(), delete_node(), set_packet_filter(), set_dns(),
+Test hooks: approve(), expire_node(), delete_node(), set_routes(), set_exit_node(),
+set_packet_filter(), set_dns(),
 set_derp_map(), drop_streams(), restart() (same key and state, every connection dropped),
 inject_raw() (send arbitrary bytes on a node's map stream).
 """
@@ -283,6 +284,15 @@ class TestControlServer:
     def delete_node(self, node_id: int) -> None:
         self.registry.delete_node(node_id)
         self.notify()
+
+    def set_routes(self, node_id: int, routes) -> None:
+        self.registry.set_routes(node_id, routes)
+        self.notify()
+
+    def set_exit_node(self, node_id: int, on: bool = True) -> None:
+        """Make the node an approved exit node: 0.0.0.0/0 and ::/0 in its AllowedIPs."""
+        keep = [r for r in self.registry.nodes[node_id].routes if not r.endswith("/0")]
+        self.set_routes(node_id, keep + (["0.0.0.0/0", "::/0"] if on else []))
 
     def set_packet_filter(self, rules: list) -> None:
         self.packet_filter = rules
