@@ -2,7 +2,8 @@
 
     ControlClient(control_url, state, hostname=..., auth_key=..., on_netmap=..., ...)
         await run()          login + streaming map poll forever; reconnects with capped
-                             exponential backoff (1 s .. 30 s); raises AuthKeyRejected once
+                             exponential backoff (1 s .. 30 s), a 429's Retry-After;
+                             raises AuthKeyRejected only for the first login (no identity)
         await logout()       register with Expiry in the past, then forget the node keys
         set_endpoints(list), set_preferred_derp(region)   -> lite map update
         status() -> dict
@@ -27,8 +28,10 @@ import h2.exceptions
 import h2.settings
 
 from tsproxy.control import messages as msg
+from tsproxy.control import ping as pingmod
 from tsproxy.control import wire
 from tsproxy.control.client import AuthKeyRejected, LoginFlow  # noqa: F401 (re-export)
+from tsproxy.control.client import retry_after_seconds
 from tsproxy.control.netmap import MapSession
 from tsproxy.control.noiseconn import ClientHandshake, NoiseConnection
 from tsproxy.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -41,6 +44,21 @@ WATCHDOG = 120.0
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 30.0
 READ_CHUNK = 65536
+H2_INTERNAL_ERROR = 2
+
+
+class StreamReset(RemoteProtocolError):
+    def __init__(self, code: int):
+        super().__init__(f"control reset the request (HTTP/2 error {code})")
+        self.code = code
+
+
+class RateLimited(RemoteProtocolError):
+    """HTTP 429 on register: wait `retry_after` seconds, not the usual backoff."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"registration rate limited; retrying after {retry_after:.0f} s")
+        self.retry_after = retry_after
 
 
 class ControlURL:
@@ -86,6 +104,25 @@ async def fetch_server_key(url: ControlURL, *, version: int = msg.CAPABILITY_VER
                     break
                 body += chunk
             return MachinePublic(wire.parse_key_response(body[:n] if n >= 0 else body))
+    finally:
+        writer.close()
+
+
+async def _http_head(url: ControlURL, path: str) -> int:
+    """HEAD url (a plain-HTTP PingRequest); returns the status.  Same dial path as control."""
+    reader, writer = await _open(url, DIAL_TIMEOUT)
+    try:
+        writer.write((f"HEAD {path} HTTP/1.1\r\nHost: {url.authority}\r\n"
+                      f"User-Agent: tsproxy\r\nConnection: close\r\n\r\n").encode())
+        buf = b""
+        while (split := wire.split_http_head(buf)) is None:
+            chunk = await reader.read(4096)
+            if not chunk:
+                raise RemoteProtocolError("ping: connection closed in headers")
+            buf += chunk
+        status_line, _ = wire.parse_http_head(split[0])
+        parts = status_line.split(" ")
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
     finally:
         writer.close()
 
@@ -164,18 +201,21 @@ class NoiseH2:
             self.h2.acknowledge_received_data(ev.flow_controlled_length, sid)
             if q is not None:
                 q.put_nowait(("data", ev.data))
-        elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and q is not None:
+        elif isinstance(ev, h2.events.StreamEnded) and q is not None:
             q.put_nowait(("end", None))
+        elif isinstance(ev, h2.events.StreamReset) and q is not None:
+            q.put_nowait(("reset", int(ev.error_code)))
         elif isinstance(ev, h2.events.ConnectionTerminated):
             raise RemoteProtocolError(f"control sent GOAWAY ({ev.error_code})")
 
-    async def request(self, path: str, body: bytes, headers=()) -> "H2Response":
+    async def request(self, path: str, body: bytes, headers=(), *,
+                      method: str = "POST") -> "H2Response":
         if self._closed is not None:
             raise RemoteProtocolError("control connection closed")
         sid = self.h2.get_next_available_stream_id()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[sid] = q
-        self.h2.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+        self.h2.send_headers(sid, [(":method", method), (":scheme", "https"),
                                    (":authority", self.authority), (":path", path),
                                    ("content-length", str(len(body))),
                                    ("user-agent", "tsproxy"), *headers])
@@ -201,18 +241,24 @@ class H2Response:
     def __init__(self, conn: NoiseH2, sid: int, q: asyncio.Queue):
         self._conn, self.stream_id, self._q = conn, sid, q
         self.status = 0
+        self.headers: dict = {}
         self.ended = False
 
     async def _next(self):
         item = await self._q.get()
         if isinstance(item, BaseException):
             raise item
+        if item[0] == "reset":
+            self.ended = True
+            self._conn._streams.pop(self.stream_id, None)
+            raise StreamReset(item[1])
         return item
 
     async def _wait_headers(self) -> None:
         kind, val = await self._next()
         if kind != "headers":
             raise RemoteProtocolError("control: stream ended without headers")
+        self.headers = val
         self.status = int(val.get(":status", 0))
 
     async def read_chunk(self) -> bytes:
@@ -262,7 +308,13 @@ class ControlClient:
         self._server_key: MachinePublic | None = None
         self._force_regen = False
         self._lite_tasks: set[asyncio.Task] = set()
+        self._lite_wanted = False
+        self.lite_failures = 0
+        self._ping_tasks: set[asyncio.Task] = set()
+        self._last_ping_url = ""
+        self.pings_answered = 0
         self.watchdog = WATCHDOG
+        self._sleep = asyncio.sleep               # tests record the delays
         self.backoff_min = BACKOFF_MIN
         self.backoff_max = BACKOFF_MAX
 
@@ -288,9 +340,22 @@ class ControlClient:
             try:
                 await self._session()
                 backoff = self.backoff_min
-            except AuthKeyRejected:
-                self._set_state("NeedsLogin")
-                raise
+            except AuthKeyRejected as e:
+                if self.ident.node_key is None:       # first login: the key is all we have
+                    self._set_state("NeedsLogin")
+                    raise
+                # a registered node: report it, keep the identity, never present the key again
+                self._auth_key = None
+                self.failures += 1
+                self.last_error = f"{e}; continuing without the auth key"[:300]
+                log.warning("control: %s", self.last_error)
+            except RateLimited as e:
+                self.failures += 1
+                self.last_error = str(e)
+                log.warning("control: %s", e)
+                self._drop_conn()
+                await self._sleep(e.retry_after)
+                continue
             except (OSError, asyncio.TimeoutError, ProtocolError, ValueError) as e:
                 self.failures += 1
                 self._server_key = None           # the server may have a new key after a restart
@@ -298,7 +363,7 @@ class ControlClient:
                 log.warning("control: %s; retrying in %.0f s", self.last_error, backoff)
             finally:
                 self._drop_conn()
-            await asyncio.sleep(backoff * (0.75 + 0.5 * self._rng(1)[0] / 255))
+            await self._sleep(backoff * (0.75 + 0.5 * self._rng(1)[0] / 255))
             backoff = min(backoff * 2, self.backoff_max)
 
     async def logout(self) -> None:
@@ -323,7 +388,7 @@ class ControlClient:
         return msg.hostinfo(self.hostname, tags=self.tags, preferred_derp=self._preferred_derp)
 
     def _drop_conn(self) -> None:
-        for t in list(self._lite_tasks):          # owned here: die with their connection
+        for t in list(self._lite_tasks) + list(self._ping_tasks):   # die with their connection
             t.cancel()
         if self._conn is not None:
             self._conn.close()
@@ -343,12 +408,29 @@ class ControlClient:
             node_key=nk.public(), old_node_key=old.public() if old else None,
             hostinfo=self._hostinfo(), auth_key=self._auth_key if auth else None,
             followup=followup, expiry=expiry, ephemeral=self.ephemeral)
-        resp = await conn.request("/machine/register", body,
-                                  [("ts-lb", nk.public().text())])
-        data = await resp.read_all(msg.MAX_REGISTER_RESPONSE)
+        sent_key = bool(auth and self._auth_key)
+        try:
+            resp = await conn.request("/machine/register", body,
+                                      [("ts-lb", nk.public().text())])
+            data = await resp.read_all(msg.MAX_REGISTER_RESPONSE)
+        except StreamReset as e:
+            if sent_key and e.code == H2_INTERNAL_ERROR:
+                raise AuthKeyRejected(
+                    "control server reset the register request that carried the auth key "
+                    "(Headscale 0.25.0 does this for an invalid, expired or used key)") from None
+            raise
+        text = data[:200].decode("utf-8", "replace").strip()
+        if self._auth_key:
+            text = text.replace(self._auth_key, "<auth key>")
+        if resp.status == 429:
+            raise RateLimited(retry_after_seconds(resp.headers.get("retry-after"), self._clock(),
+                                                  self._rng(1)[0] / 255))
+        if resp.status in (401, 403) and sent_key:
+            # Headscale 0.23/0.24: a bad or used key is a bare 401 with no Error
+            raise AuthKeyRejected(f"control server rejected the auth key: http {resp.status}"
+                                  + (f" {text[:80]}" if text else ""))
         if resp.status != 200:
-            raise RemoteProtocolError(f"register request: http {resp.status}: "
-                                      f"{data[:200].decode('utf-8', 'replace')}")
+            raise RemoteProtocolError(f"register request: http {resp.status}: {text}")
         return msg.parse_register_response(data)
 
     async def _login(self, conn: NoiseH2) -> None:
@@ -406,6 +488,8 @@ class ControlClient:
                 deadline = loop.time() + self.watchdog
             for obj in objs:
                 m = msg.parse_map_response(obj)
+                if m.ping_request is not None:            # also on keep-alives
+                    self._on_ping(conn, m.ping_request)
                 nm = session.apply(m, self._clock())
                 if nm is None:
                     continue
@@ -426,12 +510,56 @@ class ControlClient:
                     self._store.save(self.ident)
                 self._on_netmap(nm)
 
+    def _on_ping(self, conn: NoiseH2, obj: dict) -> None:
+        pr = pingmod.parse_ping_request(obj)
+        if pr is None:
+            log.info("control: ignoring a PingRequest without a usable URL")
+            return
+        if pr.url == self._last_ping_url:             # duplicates are ignored (Go)
+            return
+        self._last_ping_url = pr.url
+        if pr.kind == "unsupported":
+            log.info("control: unsupported ping type %r", pr.types[:40])
+            return
+        task = asyncio.get_running_loop().create_task(self._answer_ping(conn, pr))
+        self._ping_tasks.add(task)
+        task.add_done_callback(self._ping_done)
+
+    def _ping_done(self, task: asyncio.Task) -> None:
+        self._ping_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("control: answering a ping failed: %s", task.exception())
+
+    async def _answer_ping(self, conn: NoiseH2, pr) -> None:
+        if pr.log:
+            log.info("control: answering a %s ping", pr.kind)
+        u = urlsplit(pr.url)
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        if pr.kind == "c2n":                          # always over Noise (Go answerPing)
+            reply = pingmod.c2n_response(pr.payload)
+            resp = await asyncio.wait_for(conn.request(
+                path, reply, [("content-type", "application/octet-stream")]),
+                pingmod.C2N_TIMEOUT)
+            await asyncio.wait_for(resp.read_all(1 << 16), pingmod.C2N_TIMEOUT)
+        elif pr.url_is_noise:
+            resp = await asyncio.wait_for(conn.request(path, b"", method="HEAD"),
+                                          pingmod.HEAD_TIMEOUT)
+            await asyncio.wait_for(resp.read_all(1 << 16), pingmod.HEAD_TIMEOUT)
+        else:
+            await asyncio.wait_for(_http_head(ControlURL(pr.url), path), pingmod.HEAD_TIMEOUT)
+        self.pings_answered += 1
+
     def _kick_lite(self) -> None:
+        """Send our endpoints, disco key and home DERP in a lite update, retried with backoff
+        until one succeeds (Headscale 0.23-0.26 and Tailscale learn them only from these);
+        a newer kick while one is in flight is folded into the next send."""
         conn = self._conn
         if conn is None or self.ident.node_key is None:
             return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._lite(conn))
+        self._lite_wanted = True
+        if any(not t.done() for t in self._lite_tasks):
+            return
+        task = asyncio.get_running_loop().create_task(self._lite_loop(conn))
         self._lite_tasks.add(task)
         task.add_done_callback(self._lite_done)
 
@@ -439,6 +567,22 @@ class ControlClient:
         self._lite_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.info("control: lite update failed: %s", task.exception())
+
+    async def _lite_loop(self, conn: NoiseH2) -> None:
+        backoff = self.backoff_min
+        while self._lite_wanted:
+            self._lite_wanted = False
+            try:
+                await self._lite(conn)
+                backoff = self.backoff_min
+            except (OSError, asyncio.TimeoutError, ProtocolError) as e:
+                if conn is not self._conn:
+                    return                    # the next session sends a fresh one
+                self._lite_wanted = True
+                self.lite_failures += 1
+                log.info("control: lite update failed (%s); retrying in %.1f s", e, backoff)
+                await self._sleep(backoff * (0.75 + 0.5 * self._rng(1)[0] / 255))
+                backoff = min(backoff * 2, self.backoff_max)
 
     async def _lite(self, conn: NoiseH2) -> None:
         body = msg.build_map_request(node_key=self.ident.node_key.public(),

@@ -7,7 +7,8 @@ whenever `version` moves.
 Register rules follow PROTOCOL.md 3.17/4 (Headscale and Go testcontrol):
   past Expiry                  -> logout: ephemeral nodes deleted, others expire now
   known (machine, node key)    -> current state (restart), whatever auth key is sent
-  OldNodeKey known (same machine) -> re-key that node (expiry renewal)
+  OldNodeKey known (same machine) -> re-key that node (expiry renewal; not if expired and
+                                     renew_expired is off: then the login paths below)
   known node key but expired   -> NodeKeyExpired, the client rotates its key
   Followup                     -> wait for approve(), then authorized
   auth key                     -> checked (unknown, used, expired, revoked are errors)
@@ -87,6 +88,7 @@ class PendingLogin:
 class RegisterResult:
     body: dict
     wait_for: str | None = None     # interactive login id the caller must wait on
+    auth_failure: bool = False      # the auth key was refused (servers differ in the answer)
 
 
 class RegistryError(Exception):
@@ -109,6 +111,9 @@ class Registry:
         self.pending: dict[str, PendingLogin] = {}
         self.version = 0                        # bumped on every change peers may see
         self.log: list[tuple[str, dict]] = []   # (kind, request) for tests
+        # an expired node may move to a new key with OldNodeKey alone (Go testcontrol); False:
+        # it must log in again (an admin's expiry stands until someone re-authenticates it)
+        self.renew_expired = True
         self._next_id = 1
 
     # -- keys and users ------------------------------------------------------------------------
@@ -174,7 +179,8 @@ class Registry:
 
         old = req.get("OldNodeKey")
         old_node = self.by_node_key(old) if isinstance(old, str) else None
-        if old_node is not None and old_node.machine == machine:  # key rotation / renewal
+        if old_node is not None and old_node.machine == machine and (
+                self.renew_expired or not old_node.expired(now)):   # key rotation / renewal
             old_node.node_key = node_key
             old_node.key_expiry = None
             self._changed()
@@ -193,11 +199,11 @@ class Registry:
         if key_text:
             ak = self.auth_keys.get(key_text)
             if ak is None or ak.revoked:
-                return RegisterResult({"Error": "invalid authkey"})
+                return RegisterResult({"Error": "invalid authkey"}, auth_failure=True)
             if ak.expires is not None and ak.expires <= now:
-                return RegisterResult({"Error": "authkey expired"})
+                return RegisterResult({"Error": "authkey expired"}, auth_failure=True)
             if ak.used and not ak.reusable:
-                return RegisterResult({"Error": "authkey already used"})
+                return RegisterResult({"Error": "authkey already used"}, auth_failure=True)
             ak.used = True
             node = self._add_node(node_key, machine, hostinfo, now, user_id=ak.user_id,
                                   ephemeral=ak.ephemeral or bool(req.get("Ephemeral")),

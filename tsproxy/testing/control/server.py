@@ -16,7 +16,12 @@ HTTP/1.1 on the listener:
 Test hooks: approve(), expire_node(), delete_node(), set_routes(), set_exit_node(),
 set_packet_filter(), set_dns(),
 set_derp_map(), drop_streams(), restart() (same key and state, every connection dropped),
-inject_raw() (send arbitrary bytes on a node's map stream).
+inject_raw() (send arbitrary bytes on a node's map stream), send_ping() (PingRequest; answers
+in .pings).  Real servers' behaviours, as attributes: bad_key_answer ("error" | "http401" |
+"reset": Headscale >= 0.25.1 / 0.23-0.24 / 0.25.0), rate_limit_registers + retry_after (429),
+fail_lite_updates (500 to the next N lite updates), stream_updates_node (False: Headscale
+0.23-0.26, node details only from lite updates), registry.renew_expired (False: an expired node
+must log in again).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from tsproxy.errors import RemoteProtocolError
 from tsproxy.keys import MachinePrivate
 from tsproxy.noise.ik import Responder
 from tsproxy.testing.control.mapper import ALLOW_ALL, StreamView
+from tsproxy.testing.control.mapper import format_time as mapper_format_time
 from tsproxy.testing.control.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -160,6 +166,9 @@ class _H2Session:
                 await self.server._map(self, sid, _json(body))
             elif path == "/machine/update-health":
                 await self.reply(sid, 204)
+            elif path.startswith("/ping/"):
+                self.server._ping_answered(path, head.get(":method", ""), body, "noise")
+                await self.reply(sid, 200, b"", "text/plain")
             else:
                 await self.reply(sid, 404, b"not found", "text/plain")
         except _BadRequest as e:
@@ -207,6 +216,17 @@ class TestControlServer:
         self.ephemeral_idle = ephemeral_idle
         self.clock = clock
         self.streams: list[_Stream] = []
+        # behaviours of real servers, for tests (see also registry.renew_expired):
+        # how a refused auth key is answered: "error" (200 + Error: Tailscale, Headscale
+        # >= 0.25.1), "http401" (Headscale 0.23/0.24: 401, no Error), "reset" (Headscale 0.25.0:
+        # the HTTP/2 stream is reset by a server panic)
+        self.bad_key_answer = "error"
+        self.rate_limit_registers = 0          # answer the next N registers 429
+        self.retry_after: str | None = None    # their Retry-After header (None: absent)
+        self.fail_lite_updates = 0             # answer the next N lite updates 500
+        # False: endpoints, disco key, Hostinfo come from lite updates only (Headscale 0.23-0.26)
+        self.stream_updates_node = True
+        self.pings: dict[str, dict | None] = {}   # send_ping() id -> the answer (None: none yet)
         self.counters = {"register": 0, "map_stream": 0, "map_lite": 0, "noise_failed": 0,
                          "http_requests": 0}
         self._server: asyncio.base_events.Server | None = None
@@ -319,6 +339,34 @@ class TestControlServer:
                 hit = True
         return hit
 
+    def send_ping(self, node_id: int, *, types: str = "", noise: bool = False,
+                  payload: bytes = b"", keepalive: bool = True) -> str:
+        """Send a PingRequest on the node's map stream(s); returns its id.  types "" asks
+        for a HEAD to our /ping/<id> (over Noise when `noise`), "c2n" for the HTTP request in
+        `payload` to be answered with a POST over Noise.  Answers land in self.pings[id]."""
+        import base64
+        pid = os.urandom(6).hex()
+        pr = {"URL": f"{self.url}/ping/{pid}", "Log": True}
+        if types:
+            pr["Types"] = types
+        if noise:
+            pr["URLIsNoise"] = True
+        if payload:
+            pr["Payload"] = base64.b64encode(payload).decode()
+        obj = {"KeepAlive": True, "PingRequest": pr} if keepalive else \
+            {"PingRequest": pr, "ControlTime": mapper_format_time(self.clock())}
+        self.pings[pid] = None
+        for st in self.streams:
+            if st.node_id == node_id and not st.closed:
+                st.raw.append(encode_map_message(obj, compressed=st.compress))
+                st.wake.set()
+        return pid
+
+    def _ping_answered(self, path: str, method: str, body: bytes, via: str) -> None:
+        pid = path[len("/ping/"):]
+        if pid in self.pings and self.pings[pid] is None:
+            self.pings[pid] = {"method": method, "body": body, "via": via}
+
     def notify(self) -> None:
         """Wake every map stream: each sends whatever changed for its node."""
         for s in self.streams:
@@ -389,6 +437,9 @@ class TestControlServer:
     def _http(self, method: str, path: str, body: bytes) -> tuple[str, str, bytes]:
         if path == wire.KEY_PATH and method == "GET":
             return "200 OK", "application/json", wire.build_key_response(self.key.public().raw)
+        if path.startswith("/ping/"):
+            self._ping_answered(path, method, body, "http")
+            return "200 OK", "text/plain", b""
         if path == "/generate_204":
             return "204 No Content", "text/plain", b""
         if path == "/debug/nodes" and method == "GET":
@@ -438,11 +489,26 @@ class TestControlServer:
     # -- RPCs ----------------------------------------------------------------------------------
     async def _register(self, s: _H2Session, sid: int, req: dict) -> None:
         self.counters["register"] += 1
+        if self.rate_limit_registers > 0:
+            self.rate_limit_registers -= 1
+            self.counters["register_429"] = self.counters.get("register_429", 0) + 1
+            extra = [("retry-after", self.retry_after)] if self.retry_after is not None else []
+            s.h2.send_headers(sid, [(":status", "429"), ("content-type", "text/plain"),
+                                    *extra], end_stream=False)
+            await s.send_data(sid, b"rate limited\n", end=True)
+            return
         try:
             res = self.registry.register(req, s.machine, self.clock())
         except RegistryError as e:
             raise _BadRequest(str(e)) from None
         self.notify()
+        if res.auth_failure and self.bad_key_answer == "http401":
+            await s.reply(sid, 401, b"Unauthorized\n", "text/plain")
+            return
+        if res.auth_failure and self.bad_key_answer == "reset":
+            s.h2.reset_stream(sid, error_code=2)          # INTERNAL_ERROR, as Go's panic
+            await s.flush()
+            return
         body = res.body
         if res.wait_for is not None:
             ev = self._waiters.setdefault(res.wait_for, asyncio.Event())
@@ -459,9 +525,15 @@ class TestControlServer:
         if node is None or node.machine != s.machine:
             await s.reply(sid, 404, b"node not found", "text/plain")
             return
-        if self.registry.update_from_map_request(node, req):
-            self.notify()
         compress = req.get("Compress") == "zstd"
+        if not req.get("Stream") and self.fail_lite_updates > 0:
+            self.fail_lite_updates -= 1
+            self.counters["map_lite_failed"] = self.counters.get("map_lite_failed", 0) + 1
+            await s.reply(sid, 500, b"lite update failed (test)", "text/plain")
+            return
+        if (not req.get("Stream") or self.stream_updates_node) and \
+                self.registry.update_from_map_request(node, req):
+            self.notify()
         if not req.get("Stream"):
             self.counters["map_lite"] += 1
             if req.get("OmitPeers"):
