@@ -19,12 +19,19 @@ import zstandard
 
 from tsproxy.errors import RemoteProtocolError
 from tsproxy.keys import DiscoPublic, MachinePublic, NodePublic
+from tsproxy.version import __version__
 
 CAPABILITY_VERSION = 130
+IPN_VERSION = f"{__version__}-tsproxy"           # reads as a version to admin consoles
 ZERO_TIME = "0001-01-01T00:00:00Z"
 LOGOUT_EXPIRY = "1970-01-01T00:02:03Z"          # Unix 123: "expire now" (Go TryLogout)
 LEGACY_DERP_PREFIX = "127.3.3.40:"
-MAX_MAP_MESSAGE = 16 << 20                       # compressed and decompressed bound
+# Per-message bounds of a map stream.  Go has none (a u32 length, then io.ReadFull); we keep
+# memory bounded but big enough for large tailnets: a full map is ~1-2 KB per peer of JSON
+# (zstd shrinks it ~5-10x), so 128 MiB decompressed is 60k+ peers.  Parsing costs several
+# times the JSON size in Python objects; one message is decoded at a time.
+MAX_MAP_MESSAGE = 64 << 20                       # the frame on the wire (compressed)
+MAX_MAP_JSON_FACTOR = 2                          # decompressed bound = 2 x the frame bound
 MAX_REGISTER_RESPONSE = 1 << 20
 
 _LEN_LE = struct.Struct("<I")
@@ -497,6 +504,7 @@ class MapStreamDecoder:
         self._buf = bytearray()
         self._compressed = compressed
         self._max = max_message
+        self._max_json = max_message * MAX_MAP_JSON_FACTOR
         self._dctx = zstandard.ZstdDecompressor()
         self._keepalive_frame: bytes | None = None
         self.messages = 0
@@ -523,14 +531,24 @@ class MapStreamDecoder:
             out.append(obj)
         return out
 
+    def _read_zstd(self, frame: bytes) -> bytes:
+        # stream_reader.read(n) may return less than n before the end: read to EOF or bound
+        reader = self._dctx.stream_reader(frame)
+        out = bytearray()
+        while len(out) <= self._max_json:
+            chunk = reader.read(min(1 << 20, self._max_json + 1 - len(out)))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
     def _decode(self, frame: bytes) -> dict:
         if self._compressed:
             try:
-                reader = self._dctx.stream_reader(frame)
-                raw = reader.read(self._max + 1)
+                raw = self._read_zstd(frame)
             except zstandard.ZstdError as e:
                 raise RemoteProtocolError(f"map message: bad zstd frame ({e})") from None
-            if len(raw) > self._max:
+            if len(raw) > self._max_json:
                 raise RemoteProtocolError("map message decompresses past the limit")
         else:
             raw = frame
@@ -559,7 +577,7 @@ def _zero(cls) -> str:
 
 def hostinfo(hostname: str, *, tags=(), preferred_derp: int = 0, version: str = "",
              os_name: str = "linux", backend_log_id: str = "") -> dict:
-    hi = {"IPNVersion": version or "tsproxy", "OS": os_name, "Hostname": hostname,
+    hi = {"IPNVersion": version or IPN_VERSION, "OS": os_name, "Hostname": hostname,
           "Package": "tsproxy", "Userspace": True, "UserspaceRouter": True}
     if backend_log_id:
         hi["BackendLogID"] = backend_log_id
