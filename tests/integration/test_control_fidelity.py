@@ -298,3 +298,36 @@ def test_up_with_a_bad_key_exits_1_with_one_line_for_each_headscale_answer(
     assert r.stderr.strip().splitlines()[-1] == line, r.stderr
     assert "tskey-auth-bogus" not in r.stderr + r.stdout
     assert tailnet.call(lambda: tailnet.control.counters["register"]) - before == 1
+
+
+def test_only_tcp_443_attribute_sends_no_udp_and_keeps_working_over_derp(tailnet, tmp_path):
+    from tests.tailnet_helpers import start_page_server, path_of
+    web = start_page_server()
+    b = Daemon(str(tmp_path / "b"), ["--login-server", tailnet.control_url, "--auth-key",
+                                     tailnet.auth_key, "--hostname", "web-b", "--listen", "off",
+                                     "--non-tailnet", "refuse", "--reverse",
+                                     f"8080:127.0.0.1:{web.server_address[1]}"])
+    port = free_port()
+    a = Daemon(str(tmp_path / "a"), ["--login-server", tailnet.control_url, "--auth-key",
+                                     tailnet.auth_key, "--hostname", "tcp443-a", "--listen",
+                                     f"127.0.0.1:{port}", "--non-tailnet", "refuse"])
+    try:
+        b.start(timeout=60)
+        a.start(timeout=60)
+        tailnet.call(tailnet.control.set_node_attr, tailnet.node("tcp443-a").id, "only-tcp-443")
+        eventually(lambda: "only-tcp-443 set" in open(a.log_path).read(), 30,
+                   "tcp443-a applied the attribute")
+        udp_before = a.counters()["magicsock.tx_udp"]
+        for _ in range(3):
+            r = subprocess.run(["curl", "-sS", "--max-time", "20", "--socks5-hostname",
+                                f"127.0.0.1:{port}", "http://web-b:8080/bytes/200000"],
+                               capture_output=True, timeout=30)
+            assert r.returncode == 0 and len(r.stdout) == 200000, r.stderr
+        c = a.counters()
+        assert c["magicsock.tx_udp"] == udp_before, c
+        assert c["magicsock.tx_derp"] > 0 and c["magicsock.tx_udp_blocked"] > 0
+        assert path_of(a, "web-b").startswith("derp")
+    finally:
+        a.stop()
+        b.stop()
+        web.shutdown()

@@ -20,6 +20,8 @@ from tsproxy.control.filter import PacketFilter
 from tsproxy.control.messages import DERPMap, DNSConfig, MapResponse, Node
 from tsproxy.errors import RemoteProtocolError
 
+ONLY_TCP_443 = "only-tcp-443"
+
 
 @dataclass
 class NetMap:
@@ -42,6 +44,16 @@ class NetMap:
     def magicdns_suffix(self) -> str:
         name = self.self_node.name.rstrip(".")
         return name.split(".", 1)[1] if "." in name else ""
+
+    def has_cap(self, cap: str) -> bool:
+        """A node attribute of ours (self CapMap, e.g. "only-tcp-443")."""
+        return cap in self.self_node.cap_map
+
+    @property
+    def only_tcp_443(self) -> bool:
+        """Go nodecap.OnlyTCP443: no outbound traffic but TCP to port 443, so no UDP at all
+        (no STUN, no direct paths): everything goes over DERP."""
+        return self.has_cap(ONLY_TCP_443)
 
     def wireguard_peers(self) -> dict:
         """Peers for the WireGuard device: node key -> Node (PROTOCOL.md 3.18)."""

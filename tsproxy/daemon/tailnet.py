@@ -102,6 +102,7 @@ class TailnetPlane:
         """Run the control client and wait for the first netmap to be applied.  Returns False
         if `stopping` was set first; raises LoginFailed for a rejected auth key."""
         self._tasks.append(asyncio.create_task(self.control.run(), name="control"))
+        self._tasks[0].add_done_callback(self._control_ended)
         self._tasks.append(asyncio.create_task(self._apply_loop(), name="netmap-apply"))
         waiters = [asyncio.ensure_future(self._first_applied.wait()),
                    asyncio.ensure_future(stopping.wait())]
@@ -119,6 +120,12 @@ class TailnetPlane:
                 if exc is not None:
                     raise exc
         return self._first_applied.is_set()
+
+    def _control_ended(self, task: asyncio.Task) -> None:
+        # run() only returns by an exception; after start-up nobody awaits it: never silent
+        if not task.cancelled() and task.exception() is not None and self._first_applied.is_set():
+            log.error("control client stopped: %s; the netmap no longer updates",
+                      task.exception())
 
     async def logout(self) -> None:
         # stop the login/map loop first, or it would register a fresh key right after
@@ -207,6 +214,10 @@ class TailnetPlane:
         if addrs and addrs != stack.addresses:
             stack.addresses = addrs
             stack.addr_set = {a.packed for a in addrs}
+        if nm.only_tcp_443 != self.magic.only_tcp_443:
+            log.info("node attribute only-tcp-443 %s: %s", "set" if nm.only_tcp_443 else "cleared",
+                     "no UDP, everything over DERP" if nm.only_tcp_443 else "UDP allowed again")
+        self.magic.set_only_tcp_443(nm.only_tcp_443)
         self.magic.set_derp_map(nm.derp_map)
         self.magic.set_peers(list(nm.wireguard_peers().values()))
         apply_peer_diff(self.device, diff_peers(self.netmap, nm),

@@ -133,6 +133,7 @@ class MagicConn:
         self.codec = disco.DiscoCodec(disco_private)
         self.on_packets = on_packets
         self.on_endpoints = on_endpoints or (lambda eps: None)
+        self.only_tcp_443 = False
         self.on_home_derp = on_home_derp or (lambda region: None)
         self.addrs = UdpAddrs(sock.family)
         self._buf = bytearray(MAX_DATAGRAM)
@@ -154,7 +155,7 @@ class MagicConn:
         self._next_derp_clean = 0.0
         self.closed = False
         self.counters = {k: 0 for k in (
-            "rx_udp", "tx_udp", "tx_udp_errors", "rx_derp", "tx_derp", "tx_derp_no_region",
+            "rx_udp", "tx_udp", "tx_udp_errors", "tx_udp_blocked", "rx_derp", "tx_derp", "tx_derp_no_region",
             "rx_derp_unknown_peer", "rx_wg_unknown_source", "rx_stun", "rx_geneve_dropped",
             "disco_ping_rx", "disco_pong_rx", "disco_cmm_rx", "disco_cmm_udp_ignored",
             "disco_ping_tx", "disco_cmm_tx", "disco_from_unknown_peer")}
@@ -465,7 +466,15 @@ class MagicConn:
             send(p, now)
         self._flush()
 
+    def set_only_tcp_443(self, on: bool) -> None:
+        """Node attribute only-tcp-443 (Go SetOnlyTCP443): no UDP at all, so no STUN, no
+        disco over UDP and no direct paths; every packet goes over DERP (TCP/TLS)."""
+        self.only_tcp_443 = on
+
     def _send_udp(self, data: bytes, addr: Addr) -> bool:
+        if self.only_tcp_443:
+            self.counters["tx_udp_blocked"] += 1
+            return False
         try:
             self.sock.sendto(data, self.addrs.sockaddr(addr))
             self.counters["tx_udp"] += 1
@@ -487,6 +496,9 @@ class MagicConn:
             for data, ep in out:
                 if type(ep) is _Peer:
                     addr, region = ep.paths.send_plan(now)
+                    if self.only_tcp_443 and addr is not None:
+                        addr = None
+                        region = region or ep.paths.home_derp or ep.paths.last_derp_region
                     if addr is not None:
                         try:
                             sendto(data, sockaddr(addr))
@@ -506,6 +518,8 @@ class MagicConn:
                         self.counters["tx_derp_no_region"] += 1
                     if ep.paths.has_disco_out:
                         self._send_disco_for(ep)
+                elif self.only_tcp_443:
+                    self.counters["tx_udp_blocked"] += 1
                 else:
                     try:
                         sendto(data, sockaddr(ep))

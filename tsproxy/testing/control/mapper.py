@@ -50,7 +50,7 @@ def node_json(n: NodeRecord, *, self_view: bool = False) -> dict:
         if not n.online and n.last_seen is not None:
             out["LastSeen"] = format_time(n.last_seen)
     else:
-        out["CapMap"] = {"https://tailscale.com/cap/is-admin": None}
+        out["CapMap"] = {"https://tailscale.com/cap/is-admin": None, **n.attrs}
     return out
 
 

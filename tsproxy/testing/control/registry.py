@@ -69,6 +69,7 @@ class NodeRecord:
     cap: int = 0
     streams: int = 0                 # open map streams (a node may briefly have two)
     routes: list = field(default_factory=list)   # approved extra AllowedIPs (subnets, /0s)
+    attrs: dict = field(default_factory=dict)    # extra node attributes in its own CapMap
 
     def expired(self, now: float) -> bool:
         return self.key_expiry is not None and self.key_expiry <= now

@@ -14,6 +14,7 @@ HTTP/1.1 on the listener:
     GET  /debug/nodes      JSON of the registry (for people poking at a running server)
 
 Test hooks: approve(), expire_node(), delete_node(), set_routes(), set_exit_node(),
+set_node_attr(),
 set_packet_filter(), set_dns(),
 set_derp_map(), drop_streams(), restart() (same key and state, every connection dropped),
 inject_raw() (send arbitrary bytes on a node's map stream), send_ping() (PingRequest; answers
@@ -307,6 +308,16 @@ class TestControlServer:
 
     def set_routes(self, node_id: int, routes) -> None:
         self.registry.set_routes(node_id, routes)
+        self.notify()
+
+    def set_node_attr(self, node_id: int, attr: str, value=None, on: bool = True) -> None:
+        """Add (or remove) a node attribute in the node's own CapMap, e.g. "only-tcp-443"."""
+        attrs = self.registry.nodes[node_id].attrs
+        if on:
+            attrs[attr] = value
+        else:
+            attrs.pop(attr, None)
+        self.registry._changed()
         self.notify()
 
     def set_exit_node(self, node_id: int, on: bool = True) -> None:
