@@ -70,7 +70,8 @@ def test_only_auth_errors_reject_the_key():
                  "invalid key: API key does not exist", "unauthorized"):
         assert is_auth_key_error(text), text
     for text in ("node key already in use", "nodekey mismatch", "internal server error",
-                 "machine key belongs to another node", "database is locked"):
+                 "machine key belongs to another node", "database is locked",
+                 "authentication backend unavailable"):
         assert not is_auth_key_error(text), text
     f = LoginFlow(StateStore(None).load(), auth_key="tskey-x")
     with pytest.raises(RemoteProtocolError) as e:

@@ -65,7 +65,7 @@ def is_auth_key_error(text: str) -> bool:
     t = text.lower()
     if any(s in t for s in _NOT_ABOUT_THE_AUTH_KEY):
         return False
-    return "key" in t or "auth" in t
+    return "key" in t or "unauthori" in t
 
 
 @dataclass(frozen=True)
