@@ -173,7 +173,8 @@ class Daemon:
         self.tailnet = TailnetPlane(control_url=opts.login_server, state_dir=self.plan.state_dir,
                                     hostname=self.plan.hostname, auth_key=self.plan.auth_key,
                                     ephemeral=opts.ephemeral, tags=opts.advertise_tags,
-                                    udp_port=int(opts.port or 0), non_tailnet=opts.non_tailnet)
+                                    udp_port=int(opts.port or 0), non_tailnet=opts.non_tailnet,
+                                    accept_routes=bool(getattr(opts, "accept_routes", False)))
         try:
             self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
             await self.ipc.start()
