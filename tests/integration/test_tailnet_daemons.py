@@ -35,7 +35,7 @@ def web():
 def dns_server():
     """A DNS server on loopback, published on the tailnet by tsp-b's UDP reverse forward."""
     from tsproxy.testing.servers import dns_answer
-    records = {}
+    records, queries = {}, []          # queries: every datagram it received, in order
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
 
@@ -45,12 +45,13 @@ def dns_server():
                 q, addr = s.recvfrom(2048)
             except OSError:
                 return
+            queries.append(q)
             try:
                 s.sendto(dns_answer(q, records), addr)
             except (ValueError, IndexError, OSError):
                 pass
     threading.Thread(target=serve, daemon=True).start()
-    yield s.getsockname()[1], records
+    yield s.getsockname()[1], records, queries
     s.close()
 
 
@@ -132,11 +133,17 @@ def test_split_dns_route_resolved_over_the_tailnet(pair, tailnet, dns_server):
     assert r.stdout == "hello from tsp-b\n"
     rev = [x for x in b.status()["reverse"] if x["proto"] == "udp"][0]
     assert rev["connections"] >= 1
+    from tsproxy.dns.message import encode_name
+    queries = dns_server[2]
+    assert any(encode_name("db.corp.test") in q for q in queries)     # the log sees routed names
     # a name under no route is not sent to that resolver
     r = subprocess.run(["curl", "-sS", "--max-time", "10", "--socks5-hostname",
                         f"127.0.0.1:{a.proxy_port}", "http://nothing.other.test:8080/"],
                        capture_output=True, text=True)
     assert r.returncode != 0
+    # ... and the route's resolver never saw it: it got only corp.test queries
+    assert not [q for q in queries if b"\x07nothing\x05other" in q]
+    assert all(b"\x04corp\x04test\x00" in q for q in queries), queries
 
 
 def test_pac_file_follows_the_netmap(pair, tailnet, tmp_path):
