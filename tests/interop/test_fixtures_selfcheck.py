@@ -136,8 +136,11 @@ def test_wgpeer_cli_up_detach_and_down(tmp_path):
                               cwd=REPO, timeout=60)
     assert down.returncode == 0, down.stderr
     assert info["namespace"] not in netns.run(["ip", "netns", "list"]).stdout
-    time.sleep(0.2)
-    assert not any(netns.alive(pid) for pid in [info["pid"], *info["pids"]])
+    pids = [info["pid"], *info["pids"]]
+    deadline = time.monotonic() + 10             # the holder may still be exiting
+    while any(netns.alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if netns.alive(pid)]
 
 
 def test_wgpeer_cli_down_cleans_up_after_a_killed_holder(tmp_path):
