@@ -462,7 +462,7 @@ async def test_logout_with_unreachable_server_still_forgets_keys(tmp_path):
     ident.node_key = NodePrivate.generate()
     store.save(ident)
     c = ControlClient(f"http://127.0.0.1:{port}", store, hostname="me")
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         await c.logout()
     assert StateStore(str(tmp_path)).load().node_key is None
     assert c.status()["state"] == "NeedsLogin"

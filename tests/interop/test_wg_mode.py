@@ -339,6 +339,6 @@ def test_forward_add_list_remove_on_the_running_daemon(fwd_daemon):
     assert bad.returncode == 1 and "must look like" in bad.stderr
     rm = subprocess.run(base + ["--remove", str(port)], capture_output=True, text=True, timeout=30)
     assert rm.returncode == 0
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert f"127.0.0.1:{port}" not in subprocess.run(base + ["--list"], capture_output=True, text=True).stdout
