@@ -163,7 +163,8 @@ def test_wgpeer_cli_down_cleans_up_after_a_killed_holder(tmp_path):
     _assert_no_link(info["root_if"])
     assert not os.path.exists(f"/var/run/wireguard/{info['ifname']}.sock")
     assert not any(netns.alive(pid) for pid in info["pids"])
-    assert subprocess.run([*cmd, "down", "--state", state], capture_output=True, cwd=REPO).returncode == 1
+    again = subprocess.run([*cmd, "down", "--state", state], capture_output=True, text=True, cwd=REPO)
+    assert (again.returncode, again.stderr + again.stdout) == (1, f"no peer running for {state}\n")
 
 
 def test_rate_impairment_installs_a_tbf_and_clears(wg_peer):
