@@ -13,6 +13,16 @@ from tsproxy.testing.derp_server import TestDerpServer
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 
+async def until(cond, what, timeout=10.0):
+    """Wait for cond() to hold (polled on the loop); AssertionError naming `what` if it never does."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout}s")
+        await asyncio.sleep(0.01)
+
+
 class Node:
     def __init__(self, target, **kw):
         self.key = NodePrivate.generate()
@@ -78,12 +88,12 @@ async def test_tls_pinning_and_verification():
         await a.stop()
         bad = dict(node, CertName="sha256-raw:" + "00" * 32)
         b = Node(bad)
-        await asyncio.sleep(1.0)
-        assert not b.conn.connected.is_set() and b.conn.counters["protocol_errors"] >= 1
+        await until(lambda: b.conn.counters["protocol_errors"] >= 2, "pin mismatch, twice")
+        assert not b.conn.connected.is_set() and b.conn.counters["connects"] == 0
         await b.stop()
         strict = dict(node, CertName="")  # system CAs: a self-signed cert must be refused
         c = Node(strict)
-        await asyncio.sleep(1.0)
+        await until(lambda: c.conn.counters["disconnects"] >= 2, "two refused TLS handshakes")
         assert not c.conn.connected.is_set() and c.conn.counters["connects"] == 0
         await c.stop()
     finally:
@@ -97,19 +107,14 @@ async def test_server_restart_and_close_client_reconnect():
     try:
         await asyncio.wait_for(asyncio.gather(a.conn.connected.wait(), b.conn.connected.wait()), 10)
         srv.restart()
-        await asyncio.sleep(0.05)
-        await asyncio.wait_for(asyncio.gather(a.conn.connected.wait(), b.conn.connected.wait()), 10)
-        assert a.conn.counters["connects"] == 2
-        for _ in range(50):
-            if a.pub in srv.clients and b.pub in srv.clients:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: a.conn.counters["connects"] == 2 and b.conn.counters["connects"] == 2
+                    and a.conn.connected.is_set() and b.conn.connected.is_set(), "both reconnected")
+        await until(lambda: a.pub in srv.clients and b.pub in srv.clients, "server knows both")
         a.conn.send(b.pub, b"after restart")
         assert await asyncio.wait_for(b.got.get(), 10) == (a.pub, b"after restart")
         assert srv.close_client(b.pub)
-        await asyncio.sleep(0.05)
-        await asyncio.wait_for(b.conn.connected.wait(), 10)
-        assert b.conn.counters["connects"] == 3
+        await until(lambda: b.conn.counters["connects"] == 3 and b.conn.connected.is_set(),
+                    "b reconnected after close")
     finally:
         await a.stop()
         await b.stop()
@@ -122,9 +127,8 @@ async def test_keepalive_ping_and_not_here():
     a = Node(srv.url)
     try:
         await asyncio.wait_for(a.conn.connected.wait(), 10)
-        await asyncio.sleep(0.7)
+        await until(lambda: a.conn._client.counters["keepalives"] >= 2, "two keepalives")
         client = a.conn._client
-        assert client.counters["keepalives"] >= 2
         client.send_ping(b"pingpong")
         a.conn._writer.write(client.data_to_send())
         assert await a.next_event("pong") == ("pong", b"pingpong")
@@ -178,11 +182,9 @@ async def test_malformed_server_frame_client_reconnects():
     port = server.sockets[0].getsockname()[1]
     a = Node(f"http://127.0.0.1:{port}/derp")
     try:
-        for _ in range(100):
-            if len(hits) >= 2:
-                break
-            await asyncio.sleep(0.05)
-        assert len(hits) >= 2 and a.conn.counters["protocol_errors"] >= 1
+        await until(lambda: len(hits) >= 2 and a.conn.counters["protocol_errors"] >= 1,
+                    "a reconnect after the bad frame")
+        assert a.conn.counters["connects"] >= 1
     finally:
         await a.stop()
         server.close()
@@ -282,10 +284,7 @@ async def test_server_survives_hostile_frames_from_one_client():
             await asyncio.sleep(0.01)
         b2 = Node(srv.url)
         await asyncio.wait_for(b2.conn.connected.wait(), 10)
-        for _ in range(50):
-            if b2.pub in srv.clients:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: b2.pub in srv.clients, "b2 registered")
         b.conn.send(b2.pub, b"still serving")
         assert await asyncio.wait_for(b2.got.get(), 10) == (b.pub, b"still serving")
         await b2.stop()
@@ -302,10 +301,8 @@ async def test_mesh_frame_without_mesh_key_closes_only_that_client():
     try:
         await asyncio.wait_for(asyncio.gather(a.conn.connected.wait(), b.conn.connected.wait()), 10)
         a.conn._writer.write(wire.build_frame(wire.WATCH_CONNS))
-        for _ in range(100):
-            if a.conn.counters["connects"] >= 2 and a.conn.connected.is_set():
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: a.conn.counters["connects"] >= 2 and a.conn.connected.is_set(),
+                    "a closed and reconnected")
         assert a.conn.counters["connects"] == 2 and b.conn.counters["connects"] == 1
     finally:
         await a.stop()

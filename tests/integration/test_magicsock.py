@@ -144,30 +144,46 @@ async def test_derp_only_then_direct_then_fallback(pair):
         dead.close()
 
 
+async def until(cond, what, timeout=10.0):
+    """Wait for cond() on the loop under a deadline; AssertionError naming `what` otherwise."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout}s")
+        await asyncio.sleep(0.01)
+
+
 async def test_bad_disco_and_junk_are_counted(pair):
     a, b, _ = pair
     a.know(b)
     b.know(a)
     magic = b"TS\xf0\x9f\x92\xac"
+    d, m = a.magic.codec.counters, a.magic.counters
+    seen = lambda: (d["disco_unknown_sender"], d["disco_bad_box"], m["rx_wg_unknown_source"])  # noqa: E731
+    base = seen()
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        for i in range(300):
-            s.sendto(magic + os.urandom(100), ("127.0.0.1", a.magic.port))       # unknown sender
-            # a known sender's key with a box that does not open
-            s.sendto(magic + b.disco.public().raw + os.urandom(24 + 40), ("127.0.0.1", a.magic.port))
-            s.sendto(bytes([4, 0, 0, 0]) + os.urandom(60), ("127.0.0.1", a.magic.port))
-            s.sendto(os.urandom(i % 50 + 1), ("127.0.0.1", a.magic.port))
-        await asyncio.sleep(0.3)
-        d = a.magic.codec.counters
-        assert d["disco_unknown_sender"] >= 300 and d["disco_bad_box"] >= 300
-        assert a.magic.counters["rx_wg_unknown_source"] >= 300
+        # 1,200 datagrams in batches of 100; the loop reads each batch before the next is sent
+        # (all sent at once from this same loop would overflow the socket buffer)
+        for batch in range(12):
+            for i in range(batch * 25, batch * 25 + 25):
+                s.sendto(magic + os.urandom(100), ("127.0.0.1", a.magic.port))   # unknown sender
+                # a known sender's key with a box that does not open
+                s.sendto(magic + b.disco.public().raw + os.urandom(24 + 40), ("127.0.0.1", a.magic.port))
+                s.sendto(bytes([4, 0, 0, 0]) + os.urandom(60), ("127.0.0.1", a.magic.port))
+                s.sendto(os.urandom(i % 50 + 1), ("127.0.0.1", a.magic.port))
+            n = batch * 25 + 25         # non-disco datagrams from an unknown address: 2 per round
+            await until(lambda: all(x - y >= want for x, y, want in zip(seen(), base, (n, n, 2 * n))),
+                        f"batch {batch} counted")
+        assert tuple(x - y for x, y in zip(seen(), base)) == (300, 300, 600)
         await transfer(a, b, 300_000)                    # the tunnel still works
         # call-me-maybe over UDP is never trusted
         pkt = b.magic.codec.seal(a.disco.public().raw,
                                  bytes([3, 0]) + bytes(16) + b"\x00\x01")
         s.sendto(pkt, ("127.0.0.1", a.magic.port))
-        await asyncio.sleep(0.2)
-        assert a.magic.counters["disco_cmm_udp_ignored"] == 1
+        await until(lambda: m["disco_cmm_udp_ignored"] >= 1, "call-me-maybe over UDP counted")
+        assert m["disco_cmm_udp_ignored"] == 1
     finally:
         s.close()
 

@@ -186,7 +186,8 @@ def test_curl_with_auth_real_peer(auth_daemon):
     assert curl("-x", f"socks5h://alice:s3cret@127.0.0.1:{p}", url)[1] == HELLO
     assert curl("-x", f"http://127.0.0.1:{p}", "-U", "alice:s3cret", url)[1] == HELLO
     assert curl("-x", f"http://127.0.0.1:{p}", "-U", "alice:s3cret", "-p", url)[1] == HELLO
-    assert curl("-x", f"socks5h://alice:nope@127.0.0.1:{p}", url)[0] != 0
+    rc, _, err = curl("-x", f"socks5h://alice:nope@127.0.0.1:{p}", url)
+    assert (rc, err) == (97, b"curl: (97) User was rejected by the SOCKS5 server (1 1).\n")
     rc, out, _ = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{p}", url)
     assert out == b"407"
 

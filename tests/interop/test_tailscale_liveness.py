@@ -93,8 +93,16 @@ def timed_download(tsp, path, out: dict):
         last = now
         h.update(chunk)
         n += len(chunk)
+        out["progress"] = n
     s.close()
     out.update(sha=h.hexdigest(), n=n, gap=gap)
+
+
+def wait_under_way(out, size):
+    """Until the background download has 1 MB but not all of it: a fault now is mid-transfer."""
+    eventually(lambda: out.get("progress", 0) >= MB or "error" in out, 60, "download under way")
+    assert "error" not in out, out.get("error")
+    assert out["progress"] < size and "sha" not in out, out
 
 
 def in_background(fn, *args):
@@ -117,7 +125,7 @@ def test_derp_restart_mid_transfer_completes(tsp, peer_a, go_ns, tailnet):
         eventually(lambda: path_of(tsp, "peer-a").startswith("derp"), 30, "DERP path")
         size = 6 * MB
         t, out = in_background(timed_download, tsp, f"/svc/drip/{size}/10")
-        time.sleep(3)
+        wait_under_way(out, size)
         derp = tailnet.derps[0]
         tailnet.call(derp.restart)                    # every DERP connection dropped
         t.join(120)
@@ -139,7 +147,7 @@ def test_direct_path_blackholed_mid_transfer_falls_back_to_derp(tsp, peer_a, go_
     size = 6 * MB
     derp_before = tsp.counters().get("magicsock.rx_derp", 0)
     t, out = in_background(timed_download, tsp, f"/svc/drip/{size}/12")
-    time.sleep(3)
+    wait_under_way(out, size)
     block_udp(go_ns)                                  # the direct path dies mid-transfer
     try:
         t.join(120)

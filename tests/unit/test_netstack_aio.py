@@ -128,20 +128,29 @@ async def test_backpressure_slow_reader_blocks_the_writer():
     await b.aclose()
 
 
+async def _until(cond, what, timeout=10.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, f"{what}: not reached in {timeout}s"
+        await asyncio.sleep(0.005)
+
+
 async def test_cancelled_reader_and_abort_leave_nothing_behind():
     a, b = await make_pair()
     await b.start_server(7, echo_server)
     streams = [await a.open_connection("10.0.0.2", 7) for _ in range(20)]
     readers = [asyncio.create_task(r.read(10)) for r, _ in streams]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)                       # let every reader start waiting
     for t in readers:
         t.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    assert all(t.cancelled() for t in readers)
     for _, w in streams:
         w.abort()
-    await asyncio.sleep(0.3)
-    assert not a.stack.conns and not a.streams
-    await asyncio.sleep(0.3)
-    assert not any(c.state == T.ESTABLISHED for c in b.stack.conns.values())
+    await _until(lambda: not a.stack.conns and not a.streams, "a forgets every connection")
+    await _until(lambda: not any(c.state == T.ESTABLISHED for c in b.stack.conns.values()),
+                 "b sees every connection reset")
     await a.aclose()
     await b.aclose()
 

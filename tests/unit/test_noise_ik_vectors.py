@@ -50,6 +50,12 @@ def test_noise_c_ik_vector():
     conn.write(hx(msgs[4]["payload"]))
     out = conn.data_to_send()
     n0 = len(hx(msgs[2]["ciphertext"]))
+    # record header: type 0x04, u16be length (PROTOCOL.md 2.5)
+    assert out[:3] == b"\x04" + n0.to_bytes(2, "big")
     assert out[3:3 + n0].hex() == msgs[2]["ciphertext"]
-    assert out[6 + n0:].hex() != msgs[4]["ciphertext"]
-    assert len(out[6 + n0:]) == len(hx(msgs[4]["ciphertext"]))
+    # the second record: nonce = 4 zero bytes || u64be(1), built here by hand from the spec
+    p1 = hx(msgs[4]["payload"])
+    expected = ChaCha20Poly1305(k1).encrypt(bytes(4) + (1).to_bytes(8, "big"), p1, None)
+    assert out[3 + n0:] == b"\x04" + len(expected).to_bytes(2, "big") + expected
+    # and the same bytes the Noise-spec (LE) vector would have are NOT what we send at counter 1
+    assert expected.hex() != msgs[4]["ciphertext"]

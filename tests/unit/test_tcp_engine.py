@@ -521,6 +521,7 @@ def _drive_to(state):
 
 ALL_STATES = [T.SYN_SENT, T.SYN_RECEIVED, T.ESTABLISHED, T.FIN_WAIT_1, T.FIN_WAIT_2, T.CLOSE_WAIT,
               T.CLOSING, T.LAST_ACK, T.TIME_WAIT]
+SYNCHRONIZED_STATES = [s for s in ALL_STATES if s not in (T.SYN_SENT, T.SYN_RECEIVED)]
 RST_RESULT = {T.SYN_SENT: "refused", T.SYN_RECEIVED: "refused", T.ESTABLISHED: "reset",
               T.FIN_WAIT_1: "reset", T.FIN_WAIT_2: "reset", T.CLOSE_WAIT: "reset",
               T.CLOSING: None, T.LAST_ACK: None, T.TIME_WAIT: None}
@@ -552,15 +553,25 @@ def test_rst_in_every_state(state):
     assert c.events[-1] == (T.EV_CLOSED, None)
 
 
-@pytest.mark.parametrize("state", ALL_STATES)
+@pytest.mark.parametrize("state", SYNCHRONIZED_STATES)
 def test_syn_in_synchronized_state_gets_challenge_ack(state):
-    if state in (T.SYN_SENT, T.SYN_RECEIVED):
-        return
+    """RFC 5961 4.2: a SYN in a synchronized state is answered with a challenge ACK only."""
     p, c = _drive_to(state)
     c.receive_segment((c.rcv_nxt + 10) & T.M32, 0, W.SYN, 1000, b"", b"", 2.0)
     assert c.state == state
     out = [decode(x) for x in c.out]
     assert out and out[-1][2] == W.ACK and out[-1][1] == c.rcv_nxt & T.M32
+
+
+def test_their_syn_again_in_syn_received_resends_our_syn_ack():
+    """SYN_RECEIVED is not synchronized: a retransmitted SYN (seq == IRS) means our SYN-ACK
+    was lost, so it is sent again; no challenge ACK."""
+    p, c = _drive_to(T.SYN_RECEIVED)
+    c.receive_segment(c.irs, 0, W.SYN, 1000, b"", b"", 2.0)
+    assert c.state == T.SYN_RECEIVED
+    out = [decode(x) for x in c.out]
+    assert out and out[-1][2] == W.SYN | W.ACK and out[-1][1] == (c.irs + 1) & T.M32
+    assert c.counters.get("tcp_challenge_ack", 0) == 0
 
 
 def test_abort_sends_rst_and_peer_sees_reset():

@@ -337,6 +337,9 @@ class TcpConnection:
                 and unwrap(self.snd_una, ack) == self.iss + 1:
             self._simultaneous_open_done(window, now)      # their SYN-ACK acks our SYN
             return
+        if st == SYN_RECEIVED and flags & (SYN | ACK | RST) == SYN and seq == self.irs:
+            self._send_syn(now)            # their SYN again: our SYN-ACK was lost
+            return
         # --- 1. sequence acceptability (RFC 9293 3.10.7.4)
         wnd = self.rcv_adv - self.rcv_nxt
         if wnd < 0:
@@ -371,9 +374,6 @@ class TcpConnection:
             return
         # --- 3. SYN in a synchronized state: challenge ACK (RFC 5961 4)
         if flags & SYN:
-            if st == SYN_RECEIVED and seq == self.irs:
-                self._send_syn(now)            # their SYN again: our SYN-ACK was lost
-                return
             self._challenge_ack(now)
             return
         if not flags & ACK:

@@ -16,5 +16,6 @@ REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
 ZERO_KEYS_AFTER = REJECT_AFTER_TIME * 3
 
 MAX_STAGED_PACKETS = 1024                  # per peer, while a handshake is in flight
-REPLAY_WINDOW = 8128                       # wireguard-go: 128 blocks * 64 bits - 64
+REPLAY_WINDOW = 8128                       # max distance behind the highest counter still accepted
+                                           # (wireguard-go windowSize: (128 blocks - 1) * 64 bits)
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 256     # device-wide initiations before we demand cookies

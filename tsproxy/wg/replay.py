@@ -1,12 +1,17 @@
 """Sliding-window replay filter for transport counters (RFC 6479 semantics, big-int bitmap).
 
+Same boundary as wireguard-go's replay.Filter: a counter at most REPLAY_WINDOW (8128) behind
+the highest accepted one is still accepted once; one further behind is rejected. The bitmap
+therefore holds REPLAY_WINDOW + 1 bits (distances 0..8128).
+
 `seen_or_too_old(c)` is the cheap pre-check before decrypting; `accept(c)` records a counter
 after its packet authenticated, so forged packets can never move the window.
 """
 
 from tsproxy.wg.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW
 
-_MASK = (1 << REPLAY_WINDOW) - 1
+_BITS = REPLAY_WINDOW + 1     # distances 0..REPLAY_WINDOW inclusive
+_MASK = (1 << _BITS) - 1
 
 
 class ReplayFilter:
@@ -22,7 +27,7 @@ class ReplayFilter:
         if counter > self.last:
             return False
         diff = self.last - counter
-        return diff >= REPLAY_WINDOW or bool((self.bits >> diff) & 1)
+        return diff > REPLAY_WINDOW or bool((self.bits >> diff) & 1)
 
     def accept(self, counter: int) -> bool:
         """Record counter; False if it is a replay or outside the window."""
@@ -31,11 +36,11 @@ class ReplayFilter:
         last = self.last
         if counter > last:
             shift = counter - last
-            self.bits = ((self.bits << shift) | 1) & _MASK if shift < REPLAY_WINDOW else 1
+            self.bits = ((self.bits << shift) | 1) & _MASK if shift < _BITS else 1
             self.last = counter
             return True
         diff = last - counter
-        if diff >= REPLAY_WINDOW:
+        if diff > REPLAY_WINDOW:
             return False
         bit = 1 << diff
         if self.bits & bit:
