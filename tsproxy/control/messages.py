@@ -554,7 +554,7 @@ class MapStreamDecoder:
             raw = frame
         try:
             obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise RemoteProtocolError("map message is not JSON") from None
         if not isinstance(obj, dict):
             raise RemoteProtocolError("map message is not a JSON object")
@@ -621,7 +621,7 @@ def parse_register_response(body: bytes) -> RegisterResponse:
         raise RemoteProtocolError("register response too large")
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RemoteProtocolError("register response is not JSON") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError("register response is not an object")

@@ -63,7 +63,7 @@ def parse_key_response(body: bytes) -> bytes:
         raise RemoteProtocolError("/key response too large")
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RemoteProtocolError("control server is too old; no noise key (/key is not JSON)") \
             from None
     text = obj.get("publicKey") if isinstance(obj, dict) else None
@@ -188,7 +188,7 @@ def early_payload_length(first9: bytes) -> int | None:
 def parse_early_json(body: bytes) -> dict:
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RemoteProtocolError("early payload is not JSON") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError("early payload is not a JSON object")

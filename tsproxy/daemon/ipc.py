@@ -22,6 +22,18 @@ MAX_REQUEST = 64 * 1024
 Handler = Callable[[dict, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[dict | None]]
 
 
+def parse_request(line: bytes) -> dict:
+    """One request line -> dict with a str 'op'; ValueError for anything else (including
+    JSON nested too deep for the decoder, which raises RecursionError)."""
+    try:
+        request = json.loads(line)
+    except RecursionError:
+        raise ValueError("request nested too deeply") from None
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        raise ValueError("request must be a JSON object with an 'op'")
+    return request
+
+
 class IpcServer:
     """Serves `handler(request, reader, writer) -> response dict`; None means the handler
     took over the connection (it already replied and owns the streams)."""
@@ -48,9 +60,7 @@ class IpcServer:
             try:
                 async with asyncio.timeout(10):
                     line = await reader.readline()
-                request = json.loads(line)
-                if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-                    raise ValueError("request must be a JSON object with an 'op'")
+                request = parse_request(line)
             except (ValueError, asyncio.LimitOverrunError, TimeoutError) as e:
                 await _reply(writer, {"ok": False, "error": f"bad request: {e}"})
                 return

@@ -100,6 +100,10 @@ def _load_toml(path: str, explicit: bool) -> dict:
         raise ConfigError(f"cannot read config file ({e.strerror})", path=path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"invalid TOML ({e})", path=path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("invalid TOML (not UTF-8 text)", path=path) from None
+    except RecursionError:
+        raise ConfigError("invalid TOML (nested too deeply)", path=path) from None
     known = {f.name: f for f in fields(UpOptions)}
     out = {}
     for raw_key, value in data.items():
