@@ -142,6 +142,8 @@ def seeds() -> dict[str, list[bytes]]:
                  b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"],
         "wgconf": [_WG_CONF.format(priv=b64(ka.raw), pub=b64(kb.public().raw), psk=b64(bytes(32))).encode()],
         "toml": [_TOML.encode()],
+        "specs": [b"127.0.0.1:2222=peer.tailnet.test:22", b"udp:[::1]:53=[fd7a:115c:a1e0::2]:53",
+                  b"8080=127.0.0.1:80", b":1055", b"[::1]:1080", b"41641"],
         "ipc": [b'{"op":"status"}\n', b'{"op":"nc","host":"peer","port":22}\n'],
         "dns": [_dns_response()],
     }

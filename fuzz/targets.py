@@ -540,6 +540,19 @@ def target_toml(data: bytes) -> None:
         pass
 
 
+def target_specs(data: bytes) -> None:
+    """Forward/reverse specs and listen addresses (flags and config values)."""
+    from tsproxy.daemon import options
+    from tsproxy.proxy import specs
+    text = data.decode("utf-8", "replace")
+    for fn in (specs.parse_forward, specs.parse_reverse, options.parse_listen_addr,
+               lambda t: options.validate(options.UpOptions(port=t))):
+        try:
+            fn(text)
+        except ConfigError as e:
+            assert str(e)
+
+
 # ---- IPC and DNS -----------------------------------------------------------------------------
 
 def target_ipc(data: bytes) -> None:

@@ -46,3 +46,52 @@ def test_bad_toml_config_is_a_config_error(tmp_path, data, reason):
         options._load_toml(str(p), True)
     assert str(p) in str(e.value)
     targets.target_toml(data)
+
+
+# atheris, target http, within 3 s: the authority "G\0\0\0\0\0\0\0:\xb9" decodes (latin-1) to
+# a port "¹", which str.isdigit() accepts and int() refuses: ValueError out of split_authority
+# (reached from a CONNECT target or an absolute URI).
+HTTP_SUPERSCRIPT_PORT = b"G\x00\x00\x00\x00\x00\x00\x00:\xb9"
+
+
+def test_superscript_digit_port_in_http_authority_is_a_protocol_error():
+    from tsproxy.proxy import http
+    for authority in ("h:0\xb2", "[::1]:1\xb9", "h:\u0661"):
+        with pytest.raises(RemoteProtocolError, match="bad port"):
+            http.split_authority(authority)
+    with pytest.raises(RemoteProtocolError, match="bad port"):
+        http.split_absolute("http://h:8\xb2/")
+    targets.target_http(HTTP_SUPERSCRIPT_PORT)
+    targets.target_http(b"CONNECT h:0\xb2 HTTP/1.1\r\n\r\n")
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:1\xb2", "\xb2", "[::1]:\xb3"])
+def test_superscript_digit_in_listen_address_is_a_config_error(text):
+    with pytest.raises(ConfigError, match="listen address"):
+        options.parse_listen_addr(text)
+
+
+def test_superscript_digit_in_port_option_and_specs_is_a_config_error():
+    from tsproxy.proxy import specs
+    with pytest.raises(ConfigError, match="--port"):
+        options.validate(options.UpOptions(port="\xb2"))
+    with pytest.raises(ConfigError, match="port"):
+        specs.parse_forward("127.0.0.1:22\xb2=peer:22")
+    targets.target_specs("8\xb2=h:1".encode())
+
+
+# atheris, target derp, in the CI-length run: a ServerKey frame carrying a low-order key
+# (all zeros) made libsodium's crypto_box_beforenm fail; nacl's RuntimeError escaped
+# DerpClient.receive_data instead of a RemoteProtocolError.
+DERP_ZERO_SERVER_KEY = bytes.fromhex("010000002844455250f09f9491" + "00" * 32)
+
+
+def test_low_order_derp_server_key_is_a_protocol_error():
+    from tsproxy.derp.client import DerpClient
+    from tsproxy.keys import NodePrivate
+    c = DerpClient(NodePrivate.generate(), now=0.0)
+    with pytest.raises(RemoteProtocolError, match="ServerKey"):
+        c.receive_data(DERP_ZERO_SERVER_KEY, 0.0)
+    with pytest.raises(RemoteProtocolError):          # the client stays failed
+        c.receive_data(b"", 0.0)
+    targets.target_derp(b"\x00" + DERP_ZERO_SERVER_KEY)

@@ -161,14 +161,14 @@ def validate(opts: UpOptions) -> None:
     for tag in opts.advertise_tags:
         if not tag.startswith("tag:") or len(tag) < 5:
             raise ConfigError(f"--advertise-tags: {tag!r} is not a tag (tag:NAME)")
-    if opts.port is not None and (not str(opts.port).isdigit() or not 0 <= int(opts.port) <= 65535):
+    if opts.port is not None and (not (str(opts.port).isascii() and str(opts.port).isdigit()) or not 0 <= int(opts.port) <= 65535):
         raise ConfigError(f"--port must be 0..65535, not {opts.port!r}")
 
 
 def parse_listen_addr(text: str) -> tuple[str, int]:
     """`HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT` (loopback) -> (host, port)."""
     t = text.strip()
-    if t.isdigit():
+    if t.isascii() and t.isdigit():
         host, port = "127.0.0.1", t
     elif t.startswith("["):
         host, sep, rest = t[1:].partition("]")
@@ -185,7 +185,7 @@ def parse_listen_addr(text: str) -> tuple[str, int]:
     except ValueError:
         if host != "localhost":
             raise ConfigError(f"listen address {text!r}: host must be an IP address or localhost") from None
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"listen address {text!r}: port must be 0..65535")
     return host, int(port)
 

@@ -18,6 +18,7 @@ import json
 import os
 from collections import deque
 
+from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from tsproxy.derp import wire
@@ -80,7 +81,10 @@ class DerpClient:
             if self.server_public is not None:
                 raise RemoteProtocolError("DERP: unexpected second ServerKey")
             self.server_public = wire.parse_server_key(p)
-            self._send_client_info()
+            try:
+                self._send_client_info()
+            except CryptoError:          # libsodium refuses low-order keys (e.g. all zeros)
+                raise RemoteProtocolError("DERP ServerKey is not a usable key") from None
         elif ftype == wire.SERVER_INFO:
             if self.server_public is None or len(p) < wire.NONCE_LEN + 16:
                 raise RemoteProtocolError("DERP ServerInfo before ServerKey or too short")

@@ -151,7 +151,7 @@ def split_authority(authority: str, default_port: int | None = None):
         if default_port is None:
             raise RemoteProtocolError("authority without a port")
         return host, default_port
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:   # "1²" is a digit
         raise RemoteProtocolError("bad port")
     return host, int(port_s)
 

@@ -62,7 +62,7 @@ def _split(text: str) -> list[str]:
 
 
 def _port(text: str, what: str, spec: str, allow_zero=False) -> int:
-    if not text.isdigit() or not (0 if allow_zero else 1) <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not (0 if allow_zero else 1) <= int(text) <= 65535:
         raise ConfigError(f"{what} {text!r} in {spec!r} is not a port number 1..65535")
     return int(text)
 
