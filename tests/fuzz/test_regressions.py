@@ -95,3 +95,16 @@ def test_low_order_derp_server_key_is_a_protocol_error():
     with pytest.raises(RemoteProtocolError):          # the client stays failed
         c.receive_data(b"", 0.0)
     targets.target_derp(b"\x00" + DERP_ZERO_SERVER_KEY)
+
+
+# Hypothesis, chunked bodies: int(size, 16) accepts "0x10", "1_0" and "+5".  copy_chunked
+# forwards the size line untouched, so a server that reads "0x10" as 0 would take the next
+# 16 bytes as a new request (request smuggling); the proxy now refuses such sizes.
+def test_lenient_chunk_sizes_are_refused():
+    import asyncio
+    from tests.fuzz.test_http_bodies import _run
+    for size in (b"0x10", b"1_0", b"+10", b" ", b"-0", b"1" * 17):
+        body = size + b"\r\n" + bytes(16) + b"\r\n0\r\n\r\n"
+        for dechunk in (False, True):
+            assert asyncio.run(_run(body, dechunk)) == b""
+    assert asyncio.run(_run(b"10\r\n" + bytes(16) + b"\r\n0\r\n\r\n", True)) == bytes(16)

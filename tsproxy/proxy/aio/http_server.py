@@ -5,6 +5,7 @@ host:port (UpstreamPool, shared by all clients of one listener, bounded, with an
 from __future__ import annotations
 
 import asyncio
+import re
 
 from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, NotAllowed,
                             RemoteProtocolError)
@@ -13,6 +14,7 @@ from tsproxy.proxy.aio.relay import relay
 
 CHUNK = 64 * 1024
 MAX_CHUNK_LINE = 4096
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 KEEPALIVE_IDLE = 120.0
 
 
@@ -121,12 +123,9 @@ class _Body:
         while True:
             line = await self._line()
             size_s = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_s, 16)
-            except ValueError:
-                raise RemoteProtocolError("bad chunk size") from None
-            if size < 0 or len(size_s) > 16:
+            if not _HEX.fullmatch(size_s):       # int(, 16) also takes "0x10", "1_0", "+5"
                 raise RemoteProtocolError("bad chunk size")
+            size = int(size_s, 16)
             writer.write(line)
             if size == 0:
                 while True:                   # trailers up to the empty line
@@ -353,12 +352,9 @@ async def _dechunk(body: _Body, writer) -> None:
     while True:
         line = await body._line()
         size_s = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_s, 16)
-        except ValueError:
-            raise RemoteProtocolError("bad chunk size from upstream") from None
-        if size < 0 or len(size_s) > 16:
+        if not _HEX.fullmatch(size_s):
             raise RemoteProtocolError("bad chunk size from upstream")
+        size = int(size_s, 16)
         if size == 0:
             while (await body._line()) not in (b"\r\n", b"\n"):
                 pass
