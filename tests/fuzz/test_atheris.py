@@ -1,6 +1,6 @@
 """Bounded coverage-guided run of every atheris target (fuzz/harness.py) in CI.
 
-Each target runs as a subprocess for a couple of seconds from the seed corpus; a crash,
+Each target runs as a subprocess for a second (TSPROXY_FUZZ_SECONDS) from the seed corpus; a crash,
 hang (-timeout) or memory blow-up (-rss_limit_mb) makes libFuzzer exit non-zero and the test
 fails with the end of its output and the artifact path.  Without atheris the tests skip
 locally but FAIL under CI=true (a missing fuzzer must not pass as a green run).  Two targets
@@ -19,7 +19,7 @@ from fuzz import make_corpus, targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HARNESS = os.path.join(ROOT, "fuzz", "harness.py")
-SECONDS = int(os.environ.get("TSPROXY_FUZZ_SECONDS", "2"))
+SECONDS = int(os.environ.get("TSPROXY_FUZZ_SECONDS", "1"))
 HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 
 

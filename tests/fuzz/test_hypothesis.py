@@ -73,7 +73,7 @@ _json = st.recursive(_leaf, lambda kids: st.one_of(
     st.dictionaries(st.sampled_from(targets._FIELDS), kids, max_size=6)), max_leaves=40)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(msgs=st.lists(st.dictionaries(st.sampled_from(targets._FIELDS), _json, max_size=8),
                      min_size=1, max_size=4))
 def test_mapresponse_structures(msgs):
