@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tsproxy.daemon import ipc, options, statedir, wgconf
+from tsproxy.daemon import exposure, ipc, options, statedir, wgconf
 from tsproxy.errors import ConfigError, TsproxyError
 
 log = logging.getLogger("tsproxy.daemon")
@@ -64,12 +64,12 @@ def prepare(opts: options.UpOptions) -> Plan:
                               path=opts.proxy_password_file) from None
         if not password:
             raise ConfigError("the proxy password file is empty", path=opts.proxy_password_file)
-    if not opts.proxy_user and not opts.allow_public_without_auth:
-        for kind, host, port in listeners:
-            if not options.is_loopback(host):
-                raise ConfigError(f"refusing to serve an open proxy on {host}:{port}: set --proxy-user and "
-                                  "--proxy-password-file, or pass --allow-public-without-auth if you mean it")
+    for kind, host, port in listeners:
+        exposure.check_proxy_listener(host, port, authed=bool(opts.proxy_user),
+                                      allow_public=opts.allow_public_without_auth)
     forwards = [specs.parse_forward(s) for s in opts.forward]
+    for spec in forwards:
+        exposure.check_forward(spec, allow_public=opts.allow_public_without_auth)
     reverses = [specs.parse_reverse(s) for s in opts.reverse]
     hostname = opts.hostname or _default_hostname()
     return Plan(opts, state_dir, conf, listeners, forwards, reverses, opts.proxy_user, password,
@@ -294,6 +294,7 @@ class Daemon:
         key = spec.key
         if key in self.forwards:
             raise ConfigError(f"a forward on {spec.proto} port {spec.listen_port} already exists")
+        exposure.check_forward(spec, allow_public=self.plan.opts.allow_public_without_auth)  # IPC add too
         fw = ForwardServer(self.dialer, spec)
         await self._start_or_explain(fw, f"{spec.listen_host}:{spec.listen_port}")
         self.forwards[key] = fw

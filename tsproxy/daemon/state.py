@@ -17,6 +17,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from tsproxy.daemon import statedir
 from tsproxy.errors import ConfigError
 from tsproxy.keys import DiscoPrivate, MachinePrivate, NodePrivate
 
@@ -79,6 +80,11 @@ class StateStore:
         except OSError as e:
             raise ConfigError(f"cannot read state file ({e.strerror}); fix or remove it",
                               path=path) from None
+        try:
+            statedir.check_private_file(fd, path)
+        except ConfigError:
+            os.close(fd)
+            raise
         try:
             with os.fdopen(fd, "rb") as f:
                 data = f.read(MAX_STATE_FILE + 1)
