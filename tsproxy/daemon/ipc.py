@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from typing import Awaitable, Callable
 
 from tsproxy.errors import TsproxyError
@@ -42,6 +43,7 @@ class IpcServer:
         self.path = path
         self.handler = handler
         self._server: asyncio.AbstractServer | None = None
+        self.counters = {"peer_uid_rejected": 0}
 
     async def start(self) -> None:
         try:
@@ -56,6 +58,12 @@ class IpcServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         took_over = False
+        if not _peer_is_us(writer):
+            # the socket is 0600 in a 0700 dir; this catches what slips past (a loosened mode,
+            # an fd passed to another user): their uid could steer our tunnel
+            self.counters["peer_uid_rejected"] += 1
+            writer.close()
+            return
         try:
             try:
                 async with asyncio.timeout(10):
@@ -87,6 +95,16 @@ class IpcServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _peer_is_us(writer: asyncio.StreamWriter) -> bool:
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.geteuid()
 
 
 async def _reply(writer: asyncio.StreamWriter, response: dict) -> None:

@@ -457,6 +457,7 @@ class Daemon:
             sources = [("wg", self.device), ("udp", self.udp), ("netstack", self.netstack),
                        ("dialer", self.dialer)]
         sources += [(f"proxy.{kind}", srv) for kind, srv in self.servers]
+        sources.append(("ipc", self.ipc))
         for prefix, obj in sources:
             for k, v in dict(getattr(obj, "counters", None) or {}).items():
                 if isinstance(v, (int, float)):
