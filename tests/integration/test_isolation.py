@@ -1,7 +1,8 @@
 """Isolation seen from outside, with real daemons (CLI, sockets) on the loopback test tailnet:
 
 - the netmap's packet filter is enforced on inbound traffic: a deny rule on the test control
-  server blocks a reverse forward (TCP from the other node fails), an allow rule opens it again;
+  server blocks a reverse forward (TCP from the other node fails) and ping (ICMP echo from an
+  in-process node gets no reply), an allow rule opens them again;
 - forwards follow the loopback rule at runtime too (IPC `forward` add of 0.0.0.0:P is refused);
 - no secret (auth key, private keys, proxy password) in any daemon process's command line, in
   any log line at DEBUG (daemon log files, CLI output) or in `status --json`, in the typical
@@ -9,10 +10,13 @@
   WireGuard-mode daemon with a private key in its .conf and a proxy password file.
 Every daemon runs with `--non-tailnet refuse`; traffic goes only to loopback."""
 
+import asyncio
 import base64
+import ipaddress
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 
@@ -298,3 +302,86 @@ def test_wireguard_scenario_leaks_no_secret(tmp_path):
     finally:
         d.stop()
         silent.close()
+
+
+# -- the packet filter on ICMP echo (ping) ------------------------------------------------------
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def icmp4_echo(src: str, dst: str, ident: int, seq: int) -> bytes:
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"iso-ping"
+    body = body[:2] + struct.pack("!H", _csum(body)) + body[4:]
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), seq, 0, 64, 1, 0,
+                      ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + body
+
+
+async def test_packet_filter_deny_blocks_ping_and_allow_permits_it(pair, tailnet, tmp_path):
+    """An in-process tailnet node (the daemon's own TailnetPlane) sends raw ICMP echo requests
+    to tsp-b's address through the tunnel and watches what comes back."""
+    from tsproxy.daemon.tailnet import TailnetPlane
+    _, b = pair
+    b_ip = next(ip for ip in b.status()["addresses"] if ":" not in ip)
+    plane = TailnetPlane(control_url=tailnet.control_url, state_dir=str(tmp_path / "pinger"),
+                         hostname="tsp-pinger", auth_key=tailnet.auth_key, ephemeral=True,
+                         non_tailnet="refuse")
+    stopping = asyncio.Event()
+    replies = []
+    try:
+        assert await asyncio.wait_for(plane.start(stopping), 60)
+        me = next(ip for ip in plane.addresses() if ":" not in ip)
+        to_stack = plane.netstack.deliver
+
+        def from_tunnel(packets):          # what reaches our stack after our own inbound filter
+            for p in packets:
+                if p[9] == 1 and p[20] == 0 and p[12:16] == ipaddress.ip_address(b_ip).packed:
+                    replies.append(struct.unpack("!H", p[26:28])[0])
+            to_stack(packets)
+        plane.netstack.deliver = from_tunnel
+        seq = 0
+
+        async def ping(wait: float) -> bool:
+            nonlocal seq
+            seq += 1
+            plane._to_tunnel([icmp4_echo(me, b_ip, 0x150, seq)])
+            deadline = asyncio.get_running_loop().time() + wait
+            while asyncio.get_running_loop().time() < deadline:
+                if seq in replies:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        async def until(cond, what, timeout=40):
+            deadline = asyncio.get_running_loop().time() + timeout
+            while asyncio.get_running_loop().time() < deadline:
+                if await cond():
+                    return
+            raise AssertionError(f"{what}: not reached in {timeout}s")
+
+        await until(lambda: ping(1.0), "an echo reply from tsp-b under the allow-all filter")
+        replied_before = b.counters()["netstack.icmp_echo_replied"]
+        dropped_before = b.counters()["filter.filter_dropped"]
+        tailnet.call(tailnet.control.set_packet_filter, [
+            {"SrcIPs": ["*"], "DstPorts": [{"IP": me, "Ports": {"First": 22, "Last": 22}}]}])
+
+        async def denied():
+            return not await ping(1.0) and b.counters()["filter.filter_dropped"] > dropped_before
+        await until(denied, "tsp-b dropping our echo requests under the deny rule")
+        replied_at_deny = b.counters()["netstack.icmp_echo_replied"]
+        for _ in range(3):
+            assert not await ping(2.0), "an echo reply under the deny rule"
+        assert b.counters()["netstack.icmp_echo_replied"] == replied_at_deny >= replied_before
+        tailnet.call(tailnet.control.set_packet_filter, [
+            {"SrcIPs": [me], "DstPorts": [{"IP": b_ip, "Ports": {"First": 0, "Last": 65535}}]}])
+        await until(lambda: ping(1.0), "an echo reply again under the allow rule")
+    finally:
+        tailnet.call(tailnet.control.set_packet_filter, ALLOW_ALL)
+        stopping.set()
+        await plane.aclose()
