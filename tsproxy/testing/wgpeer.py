@@ -42,34 +42,10 @@ class WireGuardPeer:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "WireGuardPeer":
-        wggo = find_binary("wireguard-go")
-        wg = find_binary("wg")
         self.ns = ns = netns.Namespace("tspp")
         try:
             self.root_if, self.ns_if, self.root_ip, self.veth_ip = ns.veth_to_root()
-            keyfile = os.path.join(self.workdir, "peer.key")
-            with open(os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                f.write(self.key.b64() + "\n")
-            sock = f"/var/run/wireguard/{self.ifname}.sock"
-            self.wg_proc = ns.spawn([wggo, "-f", self.ifname], os.path.join(self.workdir, "wireguard-go.log"),
-                                    env={"LOG_LEVEL": "error", "WG_PROCESS_FOREGROUND": "1"})
-            for _ in range(100):
-                if os.path.exists(sock):
-                    break
-                if self.wg_proc.poll() is not None:
-                    raise RuntimeError(f"wireguard-go exited: {self._log('wireguard-go.log')}")
-                time.sleep(0.05)
-            else:
-                raise RuntimeError("wireguard-go did not create its UAPI socket")
-            ns.exec([wg, "set", self.ifname, "private-key", keyfile, "listen-port", str(WG_PORT),
-                     "peer", self.client_key.public().b64(),
-                     "allowed-ips", f"{CLIENT_IP4}/32,{CLIENT_IP6}/128"])
-            ns.exec(["ip", "addr", "add", f"{PEER_IP4}/32", "dev", self.ifname])
-            ns.exec(["ip", "-6", "addr", "add", f"{PEER_IP6}/128", "dev", self.ifname, "nodad"])
-            ns.exec(["ip", "link", "set", self.ifname, "mtu", str(MTU), "up"])
-            ns.exec(["ip", "route", "add", "100.64.0.0/10", "dev", self.ifname])
-            ns.exec(["ip", "-6", "route", "add", "fd7a:115c:a1e0::/48", "dev", self.ifname])
-            ns.assert_no_default_route()
+            self._start_wireguard()
             self.servers = ns.spawn(
                 [sys.executable, "-m", "tsproxy.testing.servers", "--bind", PEER_IP4, "--bind", PEER_IP6,
                  "--bind", str(self.veth_ip), "--name", self.name,
@@ -88,6 +64,60 @@ class WireGuardPeer:
             self.stop()
             raise
         return self
+
+    def _start_wireguard(self) -> None:
+        """wireguard-go on a fresh TUN with our key, addresses and routes (start and restart)."""
+        wggo = find_binary("wireguard-go")
+        wg = find_binary("wg")
+        ns = self.ns
+        keyfile = os.path.join(self.workdir, "peer.key")
+        with open(os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(self.key.b64() + "\n")
+        sock = f"/var/run/wireguard/{self.ifname}.sock"
+        self.wg_proc = ns.spawn([wggo, "-f", self.ifname], os.path.join(self.workdir, "wireguard-go.log"),
+                                env={"LOG_LEVEL": "error", "WG_PROCESS_FOREGROUND": "1"})
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            if self.wg_proc.poll() is not None:
+                raise RuntimeError(f"wireguard-go exited: {self._log('wireguard-go.log')}")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("wireguard-go did not create its UAPI socket")
+        ns.exec([wg, "set", self.ifname, "private-key", keyfile, "listen-port", str(WG_PORT),
+                 "peer", self.client_key.public().b64(),
+                 "allowed-ips", f"{CLIENT_IP4}/32,{CLIENT_IP6}/128"])
+        for public_b64, ip4, ip6 in self.extra_clients:
+            ns.exec([wg, "set", self.ifname, "peer", public_b64, "allowed-ips", f"{ip4}/32,{ip6}/128"])
+        ns.exec(["ip", "addr", "add", f"{PEER_IP4}/32", "dev", self.ifname])
+        ns.exec(["ip", "-6", "addr", "add", f"{PEER_IP6}/128", "dev", self.ifname, "nodad"])
+        ns.exec(["ip", "link", "set", self.ifname, "mtu", str(MTU), "up"])
+        ns.exec(["ip", "route", "add", "100.64.0.0/10", "dev", self.ifname])
+        ns.exec(["ip", "-6", "route", "add", "fd7a:115c:a1e0::/48", "dev", self.ifname])
+        ns.assert_no_default_route()
+
+    def kill_wireguard(self, timeout: float = 10.0) -> None:
+        """SIGKILL wireguard-go by PID (its TUN, addresses and sessions vanish with it)."""
+        import signal
+        proc = self.wg_proc
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while self.ns.exec(["ip", "link", "show", self.ifname], check=False).returncode == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.ifname} still exists after wireguard-go died")
+            time.sleep(0.05)
+        try:
+            os.unlink(f"/var/run/wireguard/{self.ifname}.sock")
+        except FileNotFoundError:
+            pass
+
+    def restart_wireguard(self) -> None:
+        """Kill wireguard-go and start a new one with the same keys: every session is lost, the
+        peer no longer knows our endpoint, so our side must handshake again."""
+        self.kill_wireguard()
+        self._start_wireguard()
 
     def stop(self) -> None:
         if self.ns is not None:
@@ -147,6 +177,7 @@ class WireGuardPeer:
                       "preshared-key", pskfile])
 
     def add_client(self, public_b64: str, ip4: str, ip6: str) -> None:
+        self.extra_clients.append((public_b64, ip4, ip6))     # restart_wireguard re-adds them
         self.ns.exec([find_binary("wg"), "set", self.ifname, "peer", public_b64,
                       "allowed-ips", f"{ip4}/32,{ip6}/128"])
 
