@@ -94,7 +94,9 @@ def assert_exact_or_clear_error(c: Curl, size: int, rc: int, err: str) -> str:
     return f"failed: {err.strip()}"
 
 
-def test_wireguard_go_killed_and_restarted_mid_transfer(wg_peer, tmp_path):
+@pytest.mark.parametrize("probe", ["new-connections-during-recovery", "in-flight-alone"])
+def test_wireguard_go_killed_and_restarted_mid_transfer(wg_peer, tmp_path, probe):
+    """`in-flight-alone`: nothing but the interrupted transfer may trigger our re-handshake."""
     d = daemon_for(wg_peer, tmp_path)
     try:
         assert get_ok(d.proxy_port, "/bytes/1000", 1000)
@@ -103,13 +105,16 @@ def test_wireguard_go_killed_and_restarted_mid_transfer(wg_peer, tmp_path):
         eventually(lambda: c.n >= MB, 30, "1 MB of the transfer arrived before the fault")
         handshakes = d.status()["peers"][0]["handshakes"]
         wg_peer.restart_wireguard()           # new process: sessions and our endpoint forgotten
+        if probe == "in-flight-alone":
+            rc, err = c.wait(150)
         # new connections work again within seconds (our side handshakes with the new process)
         eventually(lambda: get_ok(d.proxy_port, "/bytes/100000", 100000, timeout=5), 60,
                    "a new connection through the restarted peer")
         assert d.status()["peers"][0]["handshakes"] > handshakes
-        rc, err = c.wait(150)
+        if probe != "in-flight-alone":
+            rc, err = c.wait(150)
         outcome = assert_exact_or_clear_error(c, size, rc, err)
-        print(f"in-flight transfer across the wireguard-go restart: {outcome}")
+        print(f"in-flight transfer across the wireguard-go restart ({probe}): {outcome}")
         assert get_ok(d.proxy_port, f"/bytes/{2 * MB}", 2 * MB, timeout=60)
     finally:
         assert d.stop() == 0

@@ -4,6 +4,7 @@
     rate:  tc tbf bottleneck on an interface's egress
 
     drop_udp_between: nftables drop of UDP between two ports (both directions)
+    reordering and duplication: no netem either, so udp_impair.py relays the datagrams instead
 
 Everything lives in one nft table / the root qdisc of interfaces we name, so `clear`
 removes exactly what we added.  Applied inside a namespace a test created, except
