@@ -2,7 +2,8 @@
 transfer completes byte-exact or fails with a clear error, never hangs, and nothing leaks.
 
 Covered elsewhere (not repeated here): DERP restart and direct path blackholed against a Go node
-(tests/interop/test_tailscale_liveness.py), control server restart (tests/integration/
+(tests/interop/test_tailscale_liveness.py; WireGuard mode has no DERP to fall back to, so its
+blackhole is an outage the transfer must ride out, below), control server restart (tests/integration/
 test_tailnet_daemons.py), plain loss (tests/interop/test_wg_mode.py), daemon SIGKILL and restart
 (tests/integration/test_faults_loopback.py)."""
 
@@ -120,6 +121,33 @@ def test_wireguard_go_killed_and_restarted_mid_transfer(wg_peer, tmp_path, probe
         assert d.stop() == 0
 
 
+def test_path_blackholed_then_restored_mid_transfer(wg_peer, tmp_path):
+    """WireGuard mode's form of the blackholed path: no DERP to fall back to, so the transfer
+    must survive the outage (RTO backoff, handshake retries) and resume, or fail clearly."""
+    from tsproxy.testing import impair
+    d = daemon_for(wg_peer, tmp_path)
+    try:
+        assert get_ok(d.proxy_port, "/bytes/1000", 1000)
+        size = 8 * MB
+        c = Curl(d.proxy_port, f"http://{PEER_IP4}/drip/{size}/8", 120)
+        eventually(lambda: c.n >= MB, 30, "1 MB of the transfer arrived before the fault")
+        client_ip = d.status()["addresses"][0]
+        impair.set_loss(wg_peer, 1000, WG_PORT)         # every WireGuard datagram dropped
+        try:
+            # an outage, not a blip: the server's TCP backs off its retransmission timer 4 times
+            eventually(lambda: _server_backoff(wg_peer, client_ip) >= 4, 60,
+                       "the server's retransmissions back off in the blackhole")
+            assert impair.loss_counters(wg_peer) > 0
+        finally:
+            impair.clear_loss(wg_peer)
+        rc, err = c.wait(150)
+        outcome = assert_exact_or_clear_error(c, size, rc, err)
+        print(f"in-flight transfer across the blackhole: {outcome}")
+        assert get_ok(d.proxy_port, f"/bytes/{2 * MB}", 2 * MB, timeout=60)
+    finally:
+        assert d.stop() == 0
+
+
 @pytest.fixture
 def impair_relay(wg_peer, tmp_path):
     """The udp_impair relay in the peer namespace: 5% loss, 5% duplication, 5% reordering."""
@@ -175,6 +203,12 @@ def _server_conns(wg_peer, client_ip: str) -> int:
     """Connections the HTTP server in the peer namespace still holds from `client_ip`."""
     out = wg_peer.exec(["ss", "-Htn", "state", "all", "sport", "=", ":80", "dst", client_ip]).stdout
     return sum(1 for line in out.splitlines() if line.split() and line.split()[0] not in ("LISTEN", "TIME-WAIT"))
+
+
+def _server_backoff(wg_peer, client_ip: str) -> int:
+    """The RTO backoff of the server's connection to `client_ip` (ss -ti `backoff:N`)."""
+    out = wg_peer.exec(["ss", "-Htni", "state", "established", "sport", "=", ":80", "dst", client_ip]).stdout
+    return max((int(m) for m in re.findall(r"backoff:(\d+)", out)), default=0)
 
 
 def _fds(pid: int) -> int:

@@ -36,11 +36,13 @@ def set_loss(ns, permille: int, port: int = 51820) -> None:
     clear_loss(ns)
     if permille == 0:
         return
+    # numgen values are 0..999, so `< 1000` is out of range for nft: 1000 is a plain drop
+    pick = "" if permille == 1000 else f"numgen random mod 1000 < {permille} "
     rules = (f"table inet {TABLE} {{\n"
              f" chain in {{ type filter hook input priority 0; policy accept;"
-             f" udp dport {port} numgen random mod 1000 < {permille} counter drop; }}\n"
+             f" udp dport {port} {pick}counter drop; }}\n"
              f" chain out {{ type filter hook output priority 0; policy accept;"
-             f" udp sport {port} numgen random mod 1000 < {permille} counter drop; }}\n"
+             f" udp sport {port} {pick}counter drop; }}\n"
              f"}}\n")
     _exec(ns, [find_binary("nft"), "-f", "-"], input=rules)
 
