@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "environment variables, then the TOML config file.")
     up.add_argument("--login-server", metavar="URL",
                     help="control server (default https://controlplane.tailscale.com; Headscale URL)")
+    up.add_argument("--control-ca-file", metavar="PATH",
+                    help="also trust this CA certificate (PEM) for the control server and DERP "
+                    "relays, e.g. Headscale behind a private CA (system roots and "
+                    "SSL_CERT_FILE/SSL_CERT_DIR are always used)")
     up.add_argument("--auth-key", metavar="KEY|file:PATH",
                     help="pre-auth key (or TS_AUTHKEY); without one, tsproxy prints a login URL")
     up.add_argument("--hostname", metavar="NAME", help="node name on the tailnet (default: this host's name)")

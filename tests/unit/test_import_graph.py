@@ -19,6 +19,7 @@ RANK = {
     "noise": 2,
     "control": 3, "derp": 3, "disco": 3, "wg": 3,
     "magicsock": 4, "netstack": 4, "dns": 4,
+    "tlsconfig": 1,
     "proxy": 5,
     "daemon": 6,
     "testing": 7,

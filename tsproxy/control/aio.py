@@ -36,6 +36,7 @@ from tsproxy.control.netmap import MapSession
 from tsproxy.control.noiseconn import ClientHandshake, NoiseConnection
 from tsproxy.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from tsproxy.keys import MachinePublic, NodePrivate
+from tsproxy.tlsconfig.aio import CertificateVerifyFailed, default_trust, verify_failure
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class RateLimited(RemoteProtocolError):
 
 
 class ControlURL:
-    def __init__(self, url: str):
+    def __init__(self, url: str, trust=None):
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ConfigError(f"control URL must be http:// or https://, got {url!r}")
@@ -71,10 +72,14 @@ class ControlURL:
         self.host = u.hostname
         self.port = u.port or (443 if self.tls else 80)
         self.authority = u.netloc.rsplit("@", 1)[-1]
+        self.trust = trust or default_trust()     # tlsconfig.aio.Trust for https://
+
+    def ssl_context(self):
+        return self.trust.context() if self.tls else None
 
 
 async def _open(url: ControlURL, timeout: float):
-    ctx = ssl.create_default_context() if url.tls else None       # system CAs, verified
+    ctx = url.ssl_context()                       # tlsconfig: system roots (+ private CA)
     return await asyncio.wait_for(
         asyncio.open_connection(url.host, url.port, ssl=ctx,
                                 server_hostname=url.host if url.tls else None), timeout)
@@ -284,8 +289,8 @@ class H2Response:
 class ControlClient:
     def __init__(self, control_url: str, state, *, hostname: str, auth_key: str | None = None,
                  tags=(), ephemeral: bool = False, on_netmap=None, on_auth_url=None,
-                 on_state=None, rng=os.urandom, clock=time.time):
-        self.url = ControlURL(control_url)
+                 on_state=None, rng=os.urandom, clock=time.time, trust=None):
+        self.url = ControlURL(control_url, trust)
         self._store = state
         self.ident = state.load()
         self.hostname = hostname
@@ -356,6 +361,15 @@ class ControlClient:
                 self._drop_conn()
                 await self._sleep(e.retry_after)
                 continue
+            except CertificateVerifyFailed as e:
+                # a wrong CA does not fix itself: fail at start (`up` exits 1 with this line),
+                # later retry at the slowest pace
+                self.failures += 1
+                self.last_error = str(e)
+                if self.netmap is None:
+                    raise
+                log.warning("control: %s; retrying in %.0f s", e, self.backoff_max)
+                backoff = self.backoff_max
             except (OSError, asyncio.TimeoutError, ProtocolError, ValueError) as e:
                 self.failures += 1
                 self._server_key = None           # the server may have a new key after a restart
@@ -395,9 +409,12 @@ class ControlClient:
             self._conn = None
 
     async def _connect(self) -> NoiseH2:
-        if self._server_key is None:
-            self._server_key = await fetch_server_key(self.url)
-        self._conn = await NoiseH2.connect(self.url, self.ident.machine_key, self._server_key)
+        try:
+            if self._server_key is None:
+                self._server_key = await fetch_server_key(self.url)
+            self._conn = await NoiseH2.connect(self.url, self.ident.machine_key, self._server_key)
+        except ssl.SSLCertVerificationError as e:
+            raise verify_failure("control server", self.url.host, self.url.port, e) from None
         return self._conn
 
     async def _register(self, conn: NoiseH2, *, expiry: str = msg.ZERO_TIME, followup: str = "",

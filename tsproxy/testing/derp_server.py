@@ -1,7 +1,11 @@
-"""Test DERP server (PROTOCOL.md 10): plain HTTP or TLS with a self-signed certificate, plus STUN.
+"""Test DERP server (PROTOCOL.md 10): plain HTTP or TLS, plus STUN.
 
     srv = TestDerpServer(tls=True, stun_port=0, region_id=900); await srv.start()
     derp_map = {"Regions": {"900": srv.derp_map_region()}}
+
+TLS uses a self-signed certificate (the DERP map then says InsecureForTests), or with
+`ca=TestCA()` a certificate that CA signs for the listen host (the DERP map then asks clients
+to verify it, as production relays do).
 
 Hooks for tests: restart() drops every connection (clients must reconnect), close_client(key).
 """
@@ -83,8 +87,10 @@ class TestDerpServer:
     __test__ = False  # not a pytest class
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: bool = False,
-                 stun_port: int | None = 0, region_id: int = 900, keepalive: float = 60.0):
+                 stun_port: int | None = 0, region_id: int = 900, keepalive: float = 60.0,
+                 ca=None):
         self.host, self.port, self.tls, self.region_id = host, port, tls, region_id
+        self.ca = ca                     # testing.tlsca.TestCA: a verifiable certificate
         self._stun_port = stun_port
         self.keepalive = keepalive
         self._priv = PrivateKey.generate()
@@ -102,7 +108,10 @@ class TestDerpServer:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         ctx = None
-        if self.tls:
+        if self.tls and self.ca is not None:
+            from tsproxy.testing.tlsca import default_names
+            ctx = self.ca.server_context(default_names(self.host))
+        elif self.tls:
             cert, key = make_self_signed(self.host)
             self.cert_pem = cert
             from cryptography import x509
@@ -153,7 +162,9 @@ class TestDerpServer:
         node = {"Name": f"{self.region_id}a", "RegionID": self.region_id, "HostName": self.host,
                 "IPv4": self.host, "IPv6": "none",
                 "STUNPort": self._stun_port if self._stun_port is not None else -1,
-                "DERPPort": self.port, "InsecureForTests": True, "STUNTestIP": self.host}
+                "DERPPort": self.port, "STUNTestIP": self.host}
+        if self.ca is None:
+            node["InsecureForTests"] = True    # self-signed: nothing to verify it against
         return {"RegionID": self.region_id, "RegionCode": f"test{self.region_id}",
                 "RegionName": f"Test {self.region_id}", "Nodes": [node]}
 

@@ -8,11 +8,18 @@ pytest's loop.
         net.control_url, net.auth_key
         net.call(lambda: net.control.expire_node(3))      # runs on the server loop
         net.wait(lambda: net.control.node("peer-a"))       # polls on the server loop
+
+    with TestTailnet(tls=True) as net:      # as production: HTTPS control, verified DERP
+        net.control_url                     # https://...; net.http_control_url is plain HTTP
+        net.ca_file                         # the throwaway CA's certificate (PEM) for clients
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -24,8 +31,13 @@ class TestTailnet:
     __test__ = False
 
     def __init__(self, host: str = "127.0.0.1", *, derp_regions: int = 1, port: int = 0,
-                 keepalive: float = 50.0, stun: bool = True, ephemeral_idle: float = 30.0):
+                 keepalive: float = 50.0, stun: bool = True, ephemeral_idle: float = 30.0,
+                 tls: bool = False):
         self.host = host
+        self.tls = tls
+        self.ca = None                  # testing.tlsca.TestCA when tls
+        self.ca_file: str | None = None
+        self._ca_dir: str | None = None
         self._regions = derp_regions
         self._port = port
         self._keepalive = keepalive
@@ -43,15 +55,22 @@ class TestTailnet:
         return self
 
     async def _start(self) -> None:
+        if self.tls:
+            from tsproxy.testing.tlsca import TestCA
+            self.ca = TestCA()
+            self._ca_dir = tempfile.mkdtemp(prefix="tsp-test-ca-")
+            os.chmod(self._ca_dir, 0o755)         # unprivileged clients (tailscaled) read it
+            self.ca_file = self.ca.write(self._ca_dir)
+            os.chmod(self.ca_file, 0o644)
         for i in range(self._regions):
             d = TestDerpServer(host=self.host, tls=True, stun_port=0 if self._stun else None,
-                               region_id=900 + i)
+                               region_id=900 + i, ca=self.ca)
             await d.start()
             self.derps.append(d)
         self.control = TestControlServer(self.host, self._port,
                                          derp_map=derp_map(*self.derps) if self.derps else None,
                                          keepalive=self._keepalive,
-                                         ephemeral_idle=self._ephemeral_idle)
+                                         ephemeral_idle=self._ephemeral_idle, tls=self.ca)
         await self.control.start()
         self.auth_key = self.control.create_auth_key(reusable=True).key
         self.ephemeral_key = self.control.create_auth_key(reusable=True, ephemeral=True).key
@@ -59,6 +78,11 @@ class TestTailnet:
     @property
     def control_url(self) -> str:
         return self.control.url
+
+    @property
+    def http_control_url(self) -> str:
+        """Plain-HTTP control URL (the same as control_url without tls)."""
+        return self.control.http_url
 
     def run(self, coro, timeout: float = 60.0):
         """Run a coroutine on the server loop and return its result."""
@@ -98,6 +122,8 @@ class TestTailnet:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+            if self._ca_dir is not None:
+                shutil.rmtree(self._ca_dir, ignore_errors=True)
 
     def __enter__(self) -> "TestTailnet":
         return self.start()

@@ -13,6 +13,11 @@ HTTP/1.1 on the listener:
     GET  /generate_204     204 (Go's captive-portal probe, pointed here by TS_NETCHECK_GENERATE_204_URL)
     GET  /debug/nodes      JSON of the registry (for people poking at a running server)
 
+TLS: with `tls=TestCA()` the listener on `port` speaks HTTPS (certificate signed by that CA for
+the host; HTTP/1.1 with the same TS2021 upgrade inside TLS) and `url` is https://; a second,
+plain-HTTP listener serves the same routes at `http_url` for clients that cannot do TLS.  A
+plain-HTTP request on the TLS port fails its handshake and is closed (nothing logged).
+
 Test hooks: approve(), expire_node(), delete_node(), set_routes(), set_exit_node(),
 set_node_attr(),
 set_packet_filter(), set_dns(),
@@ -206,8 +211,10 @@ class TestControlServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, derp_map: dict | None = None,
                  domain: str = "tailnet.test", keepalive: float = KEEPALIVE,
                  ephemeral_idle: float = EPHEMERAL_IDLE, machine_key: MachinePrivate | None = None,
-                 clock=time.time):
+                 clock=time.time, tls=None, http_port: int = 0):
         self.host, self.port = host, port
+        self.tls = tls                  # testing.tlsca.TestCA, or None for plain HTTP only
+        self.http_port = http_port      # the plain listener's port when tls is set
         self.key = machine_key or MachinePrivate.generate()
         self.registry = Registry(domain=domain)
         self.derp_map = derp_map or {"Regions": {}}
@@ -231,6 +238,8 @@ class TestControlServer:
         self.counters = {"register": 0, "map_stream": 0, "map_lite": 0, "noise_failed": 0,
                          "http_requests": 0}
         self._server: asyncio.base_events.Server | None = None
+        self._plain: asyncio.base_events.Server | None = None
+        self._ssl_ctx = None
         self._conns: set = set()
         self._conn_tasks: set[asyncio.Task] = set()
         self._waiters: dict[str, asyncio.Event] = {}
@@ -240,12 +249,28 @@ class TestControlServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """Plain-HTTP URL of the same server (== url without TLS)."""
+        if not self.tls:
+            return self.url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.http_port}"
 
     async def start(self) -> None:
+        if self.tls is not None and self._ssl_ctx is None:
+            from tsproxy.testing.tlsca import default_names
+            self._ssl_ctx = self.tls.server_context(default_names(self.host))
         self._server = await asyncio.start_server(self._conn, self.host, self.port,
-                                                  limit=MAX_HEAD * 2)
+                                                  limit=MAX_HEAD * 2, ssl=self._ssl_ctx,
+                                                  ssl_handshake_timeout=10 if self.tls else None)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.tls is not None:
+            self._plain = await asyncio.start_server(self._conn, self.host, self.http_port,
+                                                     limit=MAX_HEAD * 2)
+            self.http_port = self._plain.sockets[0].getsockname()[1]
         self.registry.base_url = self.url
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_loop())
@@ -257,6 +282,8 @@ class TestControlServer:
             self._reaper = None
 
     async def _close_listener(self) -> None:
+        if self._plain is not None:
+            self._plain.close()
         if self._server is not None:
             self._server.close()
         for w in list(self._conns):
@@ -268,6 +295,9 @@ class TestControlServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        if self._plain is not None:
+            await self._plain.wait_closed()
+            self._plain = None
 
     async def restart(self, downtime: float = 0.0) -> None:
         """Drop every connection and the listener, wait, listen again on the same port with
