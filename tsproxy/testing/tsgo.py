@@ -10,6 +10,9 @@ also proxies http://127.0.0.1:8081/ inside the namespace to that tailnet address
 own tsnet node (caddy-tailscale's `transport tailscale`), so a client in the namespace reaches
 tailnet hosts the way a Go node dials them.
 
+With `ca_file=net.ca_file` (a TestTailnet(tls=True)) the node trusts that CA through
+SSL_CERT_FILE, as a user with a private CA would: https:// control and verified DERP.
+
 Safety (harness README): the namespace has no route out, the control URL is an IP literal, the
 environment is wiped (`env -i`) and carries TS_NO_LOGS_NO_SUPPORT, TS_PANIC_IF_HIT_MAIN_CONTROL
 and TS_DISABLE_PORTMAPPER, so nothing ever tries tailscale.com.  The process is stopped by PID.
@@ -31,7 +34,8 @@ PROXY_PORT = 8081
 class GoTailscaleNode:
     def __init__(self, ns: Namespace, *, control_url: str, auth_key: str, workdir: str,
                  hostname: str = "peer-a", ephemeral: bool = True, proxy_to: str | None = None,
-                 backend: str | None = None, extra_env: dict | None = None):
+                 backend: str | None = None, extra_env: dict | None = None,
+                 ca_file: str | None = None):
         self.ns = ns
         self.control_url = control_url
         self.auth_key = auth_key
@@ -43,6 +47,7 @@ class GoTailscaleNode:
         self.state_dir = os.path.join(self.dir, "state")
         self.log_path = os.path.join(self.dir, "caddy.log")
         self.extra_env = extra_env or {}
+        self.ca_file = ca_file
         self.proc = None
 
     def caddyfile(self) -> str:
@@ -68,7 +73,10 @@ class GoTailscaleNode:
                "XDG_DATA_HOME": home + "/.local/share",
                "TS_NO_LOGS_NO_SUPPORT": "true", "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
                "TS_DISABLE_PORTMAPPER": "1", "TS_LOGS_DIR": os.path.join(self.dir, "tslogs"),
-               "TS_NETCHECK_GENERATE_204_URL": self.control_url.rstrip("/") + "/generate_204", **self.extra_env}
+               "TS_NETCHECK_GENERATE_204_URL": self.control_url.rstrip("/") + "/generate_204"}
+        if self.ca_file:
+            env["SSL_CERT_FILE"] = self.ca_file          # Go's crypto/x509 reads it on Linux
+        env.update(self.extra_env)
         return [f"{k}={v}" for k, v in env.items()]
 
     def start(self) -> None:
