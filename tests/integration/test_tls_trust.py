@@ -40,6 +40,32 @@ def test_trust_adds_the_ca_file_to_the_system_roots(tmp_path):
         Trust(str(tmp_path / "nope.pem"))
 
 
+@pytest.mark.asyncio
+async def test_ssl_cert_dir_is_honoured(tmp_path, monkeypatch):
+    """What the user trusts through OpenSSL's SSL_CERT_DIR (a hashed directory) is trusted."""
+    import shutil
+    import subprocess
+    ca = TestCA()
+    d = tmp_path / "certs"
+    d.mkdir()
+    h = subprocess.run([shutil.which("openssl") or "openssl", "x509", "-subject_hash",
+                        "-noout"], input=ca.cert_pem, capture_output=True, check=True)
+    (d / f"{h.stdout.decode().strip()}.0").write_bytes(ca.cert_pem)
+    srv = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0,
+                                     ssl=ca.server_context(["127.0.0.1"]))
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.open_connection("127.0.0.1", port, ssl=Trust().context(),
+                                          server_hostname="127.0.0.1")
+        monkeypatch.setenv("SSL_CERT_DIR", str(d))
+        _, w = await asyncio.open_connection("127.0.0.1", port, ssl=Trust().context(),
+                                             server_hostname="127.0.0.1")
+        w.close()
+    finally:
+        srv.close()
+
+
 def test_verify_failure_line():
     e = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] ...")
     e.verify_message = "Hostname mismatch, certificate is not valid for 'x'."

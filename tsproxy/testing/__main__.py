@@ -105,14 +105,15 @@ def go_peer(args) -> int:
     node = None
     try:
         _, _, root_ip, _ = ns.veth_to_root()
-        with TestTailnet(host=str(root_ip)) as net:
+        with TestTailnet(host=str(root_ip), tls=args.tls) as net:
             node = GoTailscaleNode(ns, control_url=net.control_url, auth_key=net.auth_key,
-                                   workdir=work, hostname=args.hostname)
+                                   workdir=work, hostname=args.hostname, ca_file=net.ca_file)
             node.start()
             net.wait(lambda: (n := net.node(args.hostname)) is not None and n.online
                      and n.home_derp, 60, f"{args.hostname} online")
             n = net.node(args.hostname)
-            print(json.dumps({"control_url": net.control_url, "auth_key": net.auth_key,
+            print(json.dumps({"control_url": net.control_url, "ca_file": net.ca_file,
+                              "auth_key": net.auth_key,
                               "peer": args.hostname, "peer_ip": n.ipv4,
                               "derp_url": net.derps[0].url}), flush=True)
             try:
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
                        "serving 'hello from NAME' in a network namespace (root)")
     g.add_argument("--hostname", default="peer-a")
     g.add_argument("--state", help="work directory (default: a new temporary one)")
+    g.add_argument("--tls", action="store_true", help="as serve --tls (the Go node trusts the "
+                   "CA through SSL_CERT_FILE)")
     args = ap.parse_args(argv)
     if args.cmd == "go-peer":
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
