@@ -64,8 +64,21 @@ def test_plain_http_on_the_tls_port_is_refused_cleanly(served):
     require("curl")
     proc, info = served
     plain = info["control_url"].replace("https://", "http://")
-    r = _curl(plain + "/key")
-    assert r.returncode == 52, (r.returncode, r.stdout, r.stderr)     # empty reply: closed
+    r = _curl("-i", plain + "/key")
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout.startswith("HTTP/1.0 400 Bad Request\n"), r.stdout   # (CRLF read as LF)
+    assert r.stdout.endswith("\n\nClient sent an HTTP request to an HTTPS server.\n")
+    # not HTTP at all, and a client that goes away before saying anything
+    import socket
+    host, port = info["control_url"].split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01\x00\x05hello")           # a broken TLS record
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(4096):              # a TLS alert at most, then the server closes
+            got += chunk
+        assert not got.startswith(b"HTTP/") and len(got) < 100, got
+    socket.create_connection((host, int(port)), timeout=10).close()
     # the server is still fine afterwards, and said nothing about it
     r = _curl("--cacert", info["ca_file"], info["control_url"] + "/key")
     assert r.returncode == 0, r.stderr

@@ -16,7 +16,8 @@ HTTP/1.1 on the listener:
 TLS: with `tls=TestCA()` the listener on `port` speaks HTTPS (certificate signed by that CA for
 the host; HTTP/1.1 with the same TS2021 upgrade inside TLS) and `url` is https://; a second,
 plain-HTTP listener serves the same routes at `http_url` for clients that cannot do TLS.  A
-plain-HTTP request on the TLS port fails its handshake and is closed (nothing logged).
+plain-HTTP request on the TLS port gets 400 "Client sent an HTTP request to an HTTPS server"
+(as from Go's net/http; control/tls_listener.py) and is closed.
 
 Test hooks: approve(), expire_node(), delete_node(), set_routes(), set_exit_node(),
 set_node_attr(),
@@ -263,9 +264,13 @@ class TestControlServer:
         if self.tls is not None and self._ssl_ctx is None:
             from tsproxy.testing.tlsca import default_names
             self._ssl_ctx = self.tls.server_context(default_names(self.host))
-        self._server = await asyncio.start_server(self._conn, self.host, self.port,
-                                                  limit=MAX_HEAD * 2, ssl=self._ssl_ctx,
-                                                  ssl_handshake_timeout=10 if self.tls else None)
+        if self._ssl_ctx is not None:
+            from tsproxy.testing.control.tls_listener import start_tls_server
+            self._server = await start_tls_server(self._conn, self.host, self.port,
+                                                  self._ssl_ctx, limit=MAX_HEAD * 2)
+        else:
+            self._server = await asyncio.start_server(self._conn, self.host, self.port,
+                                                      limit=MAX_HEAD * 2)
         self.port = self._server.sockets[0].getsockname()[1]
         if self.tls is not None:
             self._plain = await asyncio.start_server(self._conn, self.host, self.http_port,
