@@ -167,3 +167,31 @@ def test_bad_ca_file_is_a_config_error(tls_tailnet, tmp_path):
         r = _up(str(tmp_path / "s"), _args(net, "tls-x", "--control-ca-file", path))
         assert r.returncode == 1
         assert r.stderr.splitlines() == [f"tsproxy: {path}: --control-ca-file: {why}"], r.stderr
+
+
+def test_derp_uses_the_same_trust(tls_tailnet, tmp_path):
+    """Control over the plain port, no CA given: the node comes up, but the CA-signed DERP relay
+    (no InsecureForTests) is refused, with one line in the log; with the CA it connects."""
+    net = tls_tailnet
+    args = ["--login-server", net.http_control_url, "--auth-key", net.auth_key,
+            "--listen", f"127.0.0.1:{free_port()}", "--non-tailnet", "refuse"]
+    d = Daemon(str(tmp_path / "p"), [*args, "--hostname", "tls-plain"])
+    try:
+        d.start(timeout=60)
+        derp = net.derps[0]
+        line = (f"DERP server 127.0.0.1:{derp.port}: certificate verify failed: "
+                "unable to get local issuer certificate")
+        eventually(lambda: line in d.log(), 30, "the DERP verification failure logged")
+        assert d.log().count(line) == 1
+        assert net.call(lambda: len(derp.clients)) == 0
+    finally:
+        d.stop()
+    d = Daemon(str(tmp_path / "q"), [*args, "--hostname", "tls-plain-ca",
+                                     "--control-ca-file", net.ca_file])
+    try:
+        d.start(timeout=60)
+        eventually(lambda: net.call(lambda: len(net.derps[0].clients)) == 1, 30,
+                   "DERP verified with --control-ca-file")
+        assert "certificate verify failed" not in d.log()
+    finally:
+        d.stop()

@@ -150,3 +150,22 @@ def test_tailscaled_over_https_reaches_tsproxy_through_verified_derp(go_ns, tls_
         unblock_udp(go_ns)
         tsd.stop()
         tsp.stop()
+
+
+def test_tailscaled_without_the_ca_does_not_register(go_ns, tls_tailnet):
+    require("tailscaled", "tailscale", "setpriv")
+    from tsproxy.testing.tailscaled import Tailscaled
+    net = tls_tailnet
+    before = net.call(lambda: net.control.counters["register"])
+    tsd = Tailscaled(go_ns, control_url=net.control_url, auth_key=net.auth_key,
+                     hostname="tsd-noca")
+    try:
+        tsd.start()
+        r = tsd.up(timeout=15)
+        assert r.returncode != 0, (r.stdout, r.stderr)
+        assert "fetch control key" in tsd.log(), tsd.log()[-2000:]
+        assert "x509: certificate signed by unknown authority" in tsd.log()
+        assert net.node("tsd-noca") is None
+        assert net.call(lambda: net.control.counters["register"]) == before
+    finally:
+        tsd.stop()
