@@ -183,6 +183,7 @@ def test_derp_uses_the_same_trust(tls_tailnet, tmp_path):
                 "unable to get local issuer certificate")
         eventually(lambda: line in d.log(), 30, "the DERP verification failure logged")
         assert d.log().count(line) == 1
+        assert d.status()["magicsock"]["derp_errors"] == {"900": line}
         assert net.call(lambda: len(derp.clients)) == 0
     finally:
         d.stop()

