@@ -19,6 +19,7 @@ from tsproxy.daemon import ipc, options, statedir
 from tsproxy.errors import TsproxyError
 
 PROG = "tsproxy"
+STATE_DIR_HELP = "the daemon's state directory (default $TSPROXY_STATE_DIR or $XDG_STATE_HOME/tsproxy)"
 
 
 def _err(msg: str) -> int:
@@ -89,6 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--remove", metavar="[udp:]LPORT")
     fw.add_argument("--state-dir", metavar="DIR")
 
+    pg = sub.add_parser("ping", help="disco-ping a peer, showing the path (DERP or direct) and latency",
+                        description="Send disco pings to a peer like 'tailscale ping': one line per "
+                        "pong with the path it took. Exit 0 if any pong came back, 1 if none.")
+    pg.add_argument("host", metavar="HOST", help="peer name, MagicDNS FQDN or tailnet IP")
+    pg.add_argument("-c", "--count", metavar="N", type=_positive_int, default=10,
+                    help="send at most N pings (default 10)")
+    pg.add_argument("--until-direct", action="store_true",
+                    help="stop at the first pong over a direct path")
+    pg.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=5.0,
+                    help="how long to wait for each pong (default 5)")
+    pg.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
+
+    wh = sub.add_parser("whois", help="show which node has a tailnet IP (name, user, tags, online)",
+                        description="Look a tailnet address up in the netmap.")
+    wh.add_argument("ip", metavar="IP", help="a tailnet address (100.x.y.z or fd7a:...)")
+    wh.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    wh.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
+
+    demo = sub.add_parser("demo", help="run a complete local tailnet with a demo peer and the proxy "
+                          "(no root, no network)", description="Start a test control server, a DERP "
+                          "relay, a demo peer serving a web page, and the proxy, all on loopback in "
+                          "this process; print the commands that reach the peer; Ctrl-C stops and "
+                          "removes everything.")
+    demo.add_argument("--listen", metavar="ADDR",
+                      help="proxy address (default 127.0.0.1:1055, or a free port if that is taken)")
+    demo.add_argument("--log-level", choices=options.LOG_LEVELS, default="warning",
+                      help="daemon log detail on stderr (default warning)")
+
     sub.add_parser("version", help="print the version")
     return p
 
@@ -110,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_nc(args)
         if args.cmd == "forward":
             return cmd_forward(args, parser)
+        if args.cmd == "ping":
+            return cmd_ping(args)
+        if args.cmd == "whois":
+            return cmd_whois(args)
+        if args.cmd == "demo":
+            from tsproxy.testing import demo
+            if args.listen:
+                options.parse_listen_addr(args.listen)
+            return demo.main(args.listen, args.log_level)
         if args.cmd == "version":
             print(f"{PROG} {__version__}")
             return 0
@@ -119,6 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         return _err(str(e))
     except KeyboardInterrupt:
         return 130
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1
+    if not 0 < v <= 60:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 60, not {text!r}")
+    return v
 
 
 def _tags(text: str) -> list[str]:
@@ -285,6 +339,49 @@ def format_status(st: dict) -> str:
                      f"{_ago(p.get('handshake_age')):<12} {_bytes(p.get('rx_bytes', 0)):>10} "
                      f"{_bytes(p.get('tx_bytes', 0)):>10}")
     return "\n".join(lines)
+
+
+def cmd_ping(args) -> int:
+    sock = statedir.socket_path(_state_dir(args))
+    pongs = 0
+    for i in range(args.count):
+        started = time.monotonic()
+        resp = ipc.call(sock, {"op": "ping", "host": args.host, "timeout": args.timeout},
+                        timeout=args.timeout + 10)
+        if not resp.get("ok"):
+            return _err(resp.get("error", "ping failed"))
+        who = f"{resp['name']} ({resp['ip']})"
+        if resp.get("pong"):
+            pongs += 1
+            print(f"pong from {who} via {resp['via']} in {resp['latency_ms']:.0f}ms", flush=True)
+            if args.until_direct and resp.get("direct"):
+                return 0
+        else:
+            print(f"no pong from {who} within {args.timeout:g} s", flush=True)
+        if i + 1 < args.count:
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    if not pongs:
+        return _err(f"no reply from {args.host} after {args.count} ping{'s' if args.count > 1 else ''}")
+    if args.until_direct:
+        return _err(f"{args.host} answered only through DERP after {args.count} pings "
+                    "(no direct path yet)")
+    return 0
+
+
+def cmd_whois(args) -> int:
+    resp = ipc.call(statedir.socket_path(_state_dir(args)), {"op": "whois", "ip": args.ip})
+    if not resp.get("ok"):
+        return _err(resp.get("error", "whois failed"))
+    if args.json:
+        print(json.dumps(resp, indent=2, sort_keys=True))
+        return 0
+    online = {True: "yes", False: "no", None: "unknown"}[resp.get("online")]
+    print("\n".join([f"name:      {resp['fqdn']}" + (" (this node)" if resp.get("self") else ""),
+                     f"user:      {resp.get('user') or '-'}",
+                     f"tags:      {', '.join(resp.get('tags') or []) or '-'}",
+                     f"addresses: {', '.join(resp.get('addresses', []))}",
+                     f"online:    {online}" + (" (key expired)" if resp.get("expired") else "")]))
+    return 0
 
 
 def cmd_forward(args, parser) -> int:

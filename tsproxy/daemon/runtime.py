@@ -362,6 +362,9 @@ class Daemon:
                 return {"ok": False, "error": f"no forward on {key}"}
             await fw.aclose()
             return {"ok": True}
+        from tsproxy.daemon import ops
+        if op in ops.HANDLERS:
+            return await ops.HANDLERS[op](self, req)
         return {"ok": False, "error": f"unknown request {op!r}"}
 
     async def _ipc_dial(self, req, reader, writer):

@@ -613,3 +613,43 @@ class MagicConn:
         for t in list(self._tasks):
             t.cancel()
         self.sock.close()
+
+    async def ping(self, node_key, timeout: float = 5.0):
+        """One disco ping (`tailscale ping`): over the peer's direct path when it has one, else
+        through its DERP region (and discovery of a direct path starts, as for data).  -> (seconds, "IP:PORT" or "DERP(N)"), or None on no pong."""
+        ep = self.peers.get(node_key)
+        if self.closed or ep is None or ep.disco is None:
+            return None
+        if "_ping_waiters" not in self.__dict__:       # tap pongs once; txids pick the waiter
+            self._ping_waiters, real_open = {}, self.codec.open
+
+            def open_and_tap(pkt):
+                r = real_open(pkt)
+                if r is not None and r[1][0] == "pong":
+                    fut = self._ping_waiters.pop(bytes(r[1][1]), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(self.loop.time())
+                return r
+            self.codec.open = open_and_tap
+        txid, now, fut = os.urandom(12), self.loop.time(), self.loop.create_future()
+        self._ping_waiters[txid] = fut
+        pkt = self.codec.seal(ep.disco, disco.build_ping(txid, self.node_public.raw))
+        addr, region = ep.paths.send_plan(now)        # like data, a ping starts path discovery
+        self._send_disco_for(ep)
+        try:
+            if addr is not None:
+                ep.paths.pings[txid] = (addr, now)      # its pong refreshes the path's latency
+                sent, via = self._send_udp(pkt, addr), (f"[{addr[0]}]:{addr[1]}" if ":" in addr[0]
+                                                        else f"{addr[0]}:{addr[1]}")
+            else:
+                sent, via = bool(region) and self._derp_send(region, ep.raw, pkt), f"DERP({region})"
+            if not sent:
+                return None
+            self.counters["disco_ping_tx"] += 1
+            async with asyncio.timeout(timeout):
+                return await fut - now, via
+        except TimeoutError:
+            return None
+        finally:
+            self._ping_waiters.pop(txid, None)
+            ep.paths.pings.pop(txid, None)
