@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept tunnel connections to our address on TPORT and connect them to "
                     "LOCALHOST:LPORT (repeatable)")
     up.add_argument("--non-tailnet", choices=options.NON_TAILNET_POLICIES,
-                    help="destinations outside the tunnel: direct (default), exit-node, refuse")
+                    help="destinations outside the tunnel: direct (dial from this host, the default) "
+                    "or refuse (SOCKS 0x02 / HTTP 403)")
     up.add_argument("--state-dir", metavar="DIR", help="state directory (default $XDG_STATE_HOME/tsproxy)")
     up.add_argument("--config", metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/tsproxy/config.toml)")
     up.add_argument("--foreground", action="store_true", default=False, help="run in this terminal")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from tsproxy.errors import ConfigError
 
-NON_TAILNET_POLICIES = ("direct", "exit-node", "refuse")
+NON_TAILNET_POLICIES = ("direct", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -138,6 +138,9 @@ def _from_env(key: str, value: str, env_name: str):
 
 
 def validate(opts: UpOptions) -> None:
+    if opts.non_tailnet == "exit-node":
+        raise ConfigError("--non-tailnet exit-node: tsproxy cannot select an exit node yet;"
+                          " use direct or refuse")
     if opts.non_tailnet not in NON_TAILNET_POLICIES:
         raise ConfigError(f"--non-tailnet must be one of {', '.join(NON_TAILNET_POLICIES)},"
                           f" not {opts.non_tailnet!r}")
