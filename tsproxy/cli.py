@@ -71,25 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", metavar="DIR", help="state directory (default $XDG_STATE_HOME/tsproxy)")
     up.add_argument("--config", metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/tsproxy/config.toml)")
     up.add_argument("--foreground", action="store_true", default=False, help="run in this terminal")
-    up.add_argument("--log-level", choices=options.LOG_LEVELS, help="default info")
+    up.add_argument("--log-level", choices=options.LOG_LEVELS, help="daemon log detail (default info)")
 
     for name, text in (("down", "stop the daemon"), ("status", "show the daemon's state, peers and listeners"),
                        ("logout", "log the node out of the tailnet (forget its keys) and stop the daemon")):
         sp = sub.add_parser(name, help=text, description=text)
-        sp.add_argument("--state-dir", metavar="DIR")
+        sp.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
         if name == "status":
             sp.add_argument("--json", action="store_true", help="one JSON document for scripts")
 
-    nc = sub.add_parser("nc", help="connect stdin/stdout to HOST:PORT through the daemon (ssh ProxyCommand)")
-    nc.add_argument("host")
-    nc.add_argument("port", type=int)
-    nc.add_argument("--state-dir", metavar="DIR")
+    nc = sub.add_parser("nc", help="connect stdin/stdout to HOST:PORT through the daemon (ssh ProxyCommand)",
+                        description="Connect stdin/stdout to HOST:PORT through the running daemon "
+                        "(ssh -o ProxyCommand='tsproxy nc %%h %%p' peer-a).")
+    nc.add_argument("host", metavar="HOST", help="tailnet name, MagicDNS FQDN or IP address")
+    nc.add_argument("port", metavar="PORT", type=_port, help="TCP port (1-65535)")
+    nc.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
 
-    fw = sub.add_parser("forward", help="add, list or remove port forwards on the running daemon")
-    fw.add_argument("spec", nargs="?", metavar="[udp:]LPORT:HOST:PORT")
-    fw.add_argument("--list", action="store_true")
-    fw.add_argument("--remove", metavar="[udp:]LPORT")
-    fw.add_argument("--state-dir", metavar="DIR")
+    fw = sub.add_parser("forward", help="add, list or remove port forwards on the running daemon",
+                        description="Add a forward from 127.0.0.1:LPORT (or [ADDR:]LPORT) to HOST:PORT "
+                        "on the tailnet, list them, or remove one.")
+    fw.add_argument("spec", nargs="?", metavar="[udp:]LPORT:HOST:PORT",
+                    help="listen on LPORT and forward each connection (or UDP datagrams) to HOST:PORT")
+    fw.add_argument("--list", action="store_true", help="list the daemon's forwards")
+    fw.add_argument("--remove", metavar="[udp:]LPORT", help="remove the forward listening on LPORT")
+    fw.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
 
     pg = sub.add_parser("ping", help="disco-ping a peer, showing the path (DERP or direct) and latency",
                         description="Send disco pings to a peer like 'tailscale ping': one line per "
@@ -119,45 +124,66 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", choices=options.LOG_LEVELS, default="warning",
                       help="daemon log detail on stderr (default warning)")
 
-    sub.add_parser("version", help="print the version")
+    sub.add_parser("version", help="print the version", description="Print the version.")
+    p.sub = sub
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        if args.cmd == "up":
-            return cmd_up(args, argv)
-        if args.cmd == "down":
-            return cmd_down(args)
-        if args.cmd == "status":
-            return cmd_status(args)
-        if args.cmd == "logout":
-            return cmd_logout(args)
-        if args.cmd == "nc":
-            return cmd_nc(args)
-        if args.cmd == "forward":
-            return cmd_forward(args, parser)
-        if args.cmd == "ping":
-            return cmd_ping(args)
-        if args.cmd == "whois":
-            return cmd_whois(args)
-        if args.cmd == "demo":
-            from tsproxy.testing import demo
-            if args.listen:
-                options.parse_listen_addr(args.listen)
-            return demo.main(args.listen, args.log_level)
-        if args.cmd == "version":
-            print(f"{PROG} {__version__}")
-            return 0
-        parser.print_help()
-        return 2
+        args, extra = parser.parse_known_args(argv)
+        if extra:       # the sub-command's own usage, not the top-level one
+            (parser.sub.choices.get(args.cmd) or parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        rc = _dispatch(parser, args)
+        sys.stdout.flush()          # a reader that left shows up here, not at interpreter exit
+        return rc
     except TsproxyError as e:
         return _err(str(e))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `tsproxy status | head -1`: the reader left; no traceback, and none at exit either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _dispatch(parser, args) -> int:
+    if args.cmd == "up":
+        return cmd_up(args, parser.sub.choices["up"])
+    if args.cmd == "down":
+        return cmd_down(args)
+    if args.cmd == "status":
+        return cmd_status(args)
+    if args.cmd == "logout":
+        return cmd_logout(args)
+    if args.cmd == "nc":
+        return cmd_nc(args)
+    if args.cmd == "forward":
+        return cmd_forward(args, parser)
+    if args.cmd == "ping":
+        return cmd_ping(args)
+    if args.cmd == "whois":
+        return cmd_whois(args)
+    if args.cmd == "demo":
+        from tsproxy.testing import demo
+        if args.listen:
+            options.parse_listen_addr(args.listen)
+        return demo.main(args.listen, args.log_level)
+    if args.cmd == "version":
+        print(f"{PROG} {__version__}")
+        return 0
+    parser.print_help()
+    return 2
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port 1-65535, not {text!r}")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -185,18 +211,53 @@ def _state_dir(args) -> str:
                            or statedir.default_state_dir())
 
 
-def cmd_up(args, argv) -> int:
+AUTH_KEY_FD_ENV = "TSPROXY_AUTH_KEY_FD"     # the detached daemon reads its auth key from this pipe
+
+
+def cmd_up(args, up_parser) -> int:
     from tsproxy.daemon import runtime
 
     flags = {k: v for k, v in vars(args).items() if k != "cmd"}
+    if AUTH_KEY_FD_ENV in os.environ:
+        flags["auth_key"] = _read_secret_fd(os.environ.pop(AUTH_KEY_FD_ENV))
     opts = options.merge(flags)
     plan = runtime.prepare(opts)          # every user error surfaces here, before we detach
     if opts.foreground:
         return runtime.run_foreground(plan)
-    return _spawn_and_wait(plan, argv)
+    return _spawn_and_wait(plan, _child_argv(up_parser, args, plan.state_dir))
 
 
-def _spawn_and_wait(plan, argv) -> int:
+def _read_secret_fd(text: str) -> str:
+    try:
+        fd = int(text)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(64 * 1024).decode().strip()
+    except (ValueError, OSError) as e:
+        raise TsproxyError(f"{AUTH_KEY_FD_ENV}: cannot read the auth key ({e})") from None
+
+
+def _child_argv(up_parser, args, state_dir: str) -> list[str]:
+    """The detached daemon's `up --foreground` flags, rebuilt from the parsed ones with the auth
+    key left out (it goes through a pipe: a command line is readable by every local user)."""
+    out = ["up", "--foreground", "--state-dir", state_dir]
+    for action in up_parser._actions:
+        if not action.option_strings or action.dest in ("help", "auth_key", "foreground", "state_dir"):
+            continue
+        value, flag = getattr(args, action.dest, None), action.option_strings[-1]
+        if action.nargs == 0:
+            out += [flag] if value else []
+        elif isinstance(value, list):
+            if action.dest == "advertise_tags":
+                out += [flag, ",".join(value)] if value else []
+            else:
+                for v in value:
+                    out += [flag, v]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _spawn_and_wait(plan, child_args) -> int:
     state = plan.state_dir
     if statedir.DaemonLock(state).is_held_elsewhere():
         return _err(f"{state}: a tsproxy daemon is already running with this state dir"
@@ -205,9 +266,20 @@ def _spawn_and_wait(plan, argv) -> int:
     with open(logf, "ab", buffering=0) as out:
         os.chmod(logf, 0o600)
         start = out.tell()
-        child = subprocess.Popen([sys.executable, "-m", "tsproxy", *argv, "--foreground"],
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                 start_new_session=True, close_fds=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("TS_AUTHKEY", "TSPROXY_AUTH_KEY")}
+        fds = ()
+        if plan.auth_key:
+            rfd, wfd = os.pipe()
+            os.write(wfd, plan.auth_key.encode())    # a key is far below the pipe buffer
+            os.close(wfd)
+            env[AUTH_KEY_FD_ENV], fds = str(rfd), (rfd,)
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "tsproxy", *child_args],
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                     start_new_session=True, close_fds=True, pass_fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
     sock = statedir.socket_path(state)
     deadline = time.monotonic() + 30
     shown_url = None
@@ -258,22 +330,59 @@ def summary_line(st: dict) -> str:
     lst = [entry["address"] for entry in st.get("listeners", [])]
     if lst:
         parts.append("proxy on " + ", ".join(lst))
-    fws = [f"{f['listen']}->{f['target']}" for f in st.get("forwards", [])]
+    fws = [f"{_fw_listen(f)}->{f['target']}" for f in st.get("forwards", [])]
     if fws:
         parts.append("forwards " + ", ".join(fws))
     if st.get("self"):
         parts[0] = f"tsproxy is up as {st['self']['name']}: {', '.join(st.get('addresses', []))}"
-    n = len(st.get("peers", []))
-    parts.append(f"{n} peer{'s' if n != 1 else ''}")
+    peers = st.get("peers", [])
+    n = sum(1 for p in peers if p.get("online") is not False and not p.get("expired"))
+    parts.append(f"{n} peer{'s' if n != 1 else ''}" + (" online" if st.get("self") else ""))
     return "; ".join(parts)
 
 
+def _fw_listen(f: dict) -> str:
+    return ("udp:" if f.get("proto") == "udp" else "") + f["listen"]
+
+
+DOWN_WAIT = 20.0
+
+
 def cmd_down(args) -> int:
-    resp = ipc.call(statedir.socket_path(_state_dir(args)), {"op": "down"})
+    state = _state_dir(args)
+    sock = statedir.socket_path(state)
+    pid = ipc.call(sock, {"op": "status"}).get("pid")
+    resp = ipc.call(sock, {"op": "down"})
     if not resp.get("ok"):
         return _err(resp.get("error", "the daemon refused to stop"))
+    deadline = time.monotonic() + DOWN_WAIT
+    while _daemon_alive(state, pid):
+        if time.monotonic() > deadline:
+            return _err(f"the daemon (pid {pid}) is still shutting down after {DOWN_WAIT:.0f} s")
+        time.sleep(0.05)
     print("tsproxy stopped")
     return 0
+
+
+def _daemon_alive(state: str, pid) -> bool:
+    """The daemon holds its state-dir lock until it exits; then its pid is gone (or a zombie)."""
+    if statedir.DaemonLock(state).is_held_elsewhere():
+        return True
+    if not isinstance(pid, int):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
 
 def cmd_logout(args) -> int:
@@ -320,7 +429,8 @@ def format_status(st: dict) -> str:
     for entry in st.get("listeners", []):
         lines.append(f"listen:    {entry['address']} ({entry['kind']})")
     for f in st.get("forwards", []):
-        lines.append(f"forward:   {f['listen']} -> {f['target']}")
+        lines.append(f"forward:   {_fw_listen(f)} -> {f['target']}"
+                     + (f" (last error: {f['last_error']})" if f.get("last_error") else ""))
     for r in st.get("reverse", []):
         lines.append(f"reverse:   tunnel {r.get('proto', 'tcp')} port {r['tunnel_port']} -> {r['target']}")
     if st.get("mode") == "tailscale":
@@ -333,12 +443,15 @@ def format_status(st: dict) -> str:
         if st.get("auth_url"):
             lines.append(f"login:     {st['auth_url']}")
     lines.append("")
-    lines.append(f"{'peer':<14} {'path':<28} {'handshake':<12} {'rx':>10} {'tx':>10}")
+    rows = [("peer", "path", "handshake", "rx", "tx")]
     for p in st.get("peers", []):
         name = p['name'] + ("" if p.get("online", True) is not False else " (offline)")
-        lines.append(f"{name:<14} {str(p.get('path') or p.get('endpoint') or '-'):<28} "
-                     f"{_ago(p.get('handshake_age')):<12} {_bytes(p.get('rx_bytes', 0)):>10} "
-                     f"{_bytes(p.get('tx_bytes', 0)):>10}")
+        rows.append((name, str(p.get("path") or p.get("endpoint") or "-"), _ago(p.get("handshake_age")),
+                     _bytes(p.get("rx_bytes", 0)), _bytes(p.get("tx_bytes", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:      # columns as wide as their widest cell: long names never shift the rest
+        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  "
+                     f"{r[3]:>{max(widths[3], 8)}}  {r[4]:>{max(widths[4], 8)}}".rstrip())
     return "\n".join(lines)
 
 
@@ -390,7 +503,8 @@ def cmd_forward(args, parser) -> int:
     if args.list:
         resp = ipc.call(sock, {"op": "forward.list"})
         for f in resp.get("forwards", []):
-            print(f"{f['listen']} -> {f['target']}")
+            print(f"{_fw_listen(f)} -> {f['target']}"
+                  + (f" (last error: {f['last_error']})" if f.get("last_error") else ""))
         return 0
     if args.remove:
         resp = ipc.call(sock, {"op": "forward.remove", "port": args.remove})
@@ -401,7 +515,9 @@ def cmd_forward(args, parser) -> int:
     if not resp.get("ok"):
         return _err(resp.get("error", "failed"))
     if "forward" in resp:
-        print(f"{resp['forward']['listen']} -> {resp['forward']['target']}")
+        print(f"{_fw_listen(resp['forward'])} -> {resp['forward']['target']}")
+    if resp.get("warning"):
+        print(f"{PROG}: warning: {resp['warning']}", file=sys.stderr)
     return 0
 
 

@@ -113,16 +113,28 @@ async def _reply(writer: asyncio.StreamWriter, response: dict) -> None:
 
 
 class DaemonNotRunning(TsproxyError):
-    pass
+    """The daemon is not there, or did not answer sensibly (the message says which)."""
 
 
 def request(path: str, req: dict, timeout: float = 10.0) -> tuple[dict, socket.socket]:
-    """Blocking client for the CLI: send one request, return (response, connected socket)."""
+    """Blocking client for the CLI: send one request, return (response, connected socket).
+    Every failure is a TsproxyError with one line for the user."""
+    try:
+        return _request(path, req, timeout)
+    except TimeoutError:
+        raise DaemonNotRunning(f"the daemon did not answer within {timeout:g} s") from None
+    except OSError as e:
+        raise DaemonNotRunning(f"cannot talk to the daemon at {path} ({e.strerror or e})") from None
+    except ValueError:
+        raise DaemonNotRunning("the daemon sent a garbled answer") from None
+
+
+def _request(path: str, req: dict, timeout: float) -> tuple[dict, socket.socket]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
         s.close()
         raise DaemonNotRunning("tsproxy is not running (start it with 'tsproxy up')") from None
     s.sendall(json.dumps(req).encode() + b"\n")
@@ -136,7 +148,15 @@ def request(path: str, req: dict, timeout: float = 10.0) -> tuple[dict, socket.s
         if len(buf) > 16 * 1024 * 1024:
             s.close()
             raise TsproxyError("oversized response from the daemon")
-    return json.loads(buf), s
+    try:
+        resp = json.loads(buf)
+    except ValueError:
+        s.close()
+        raise
+    if not isinstance(resp, dict):
+        s.close()
+        raise ValueError("not an object")
+    return resp, s
 
 
 def call(path: str, req: dict, timeout: float = 10.0) -> dict:

@@ -90,4 +90,37 @@ async def whois(daemon, req: dict) -> dict:
     return {"ok": True, **_describe(t.netmap, node)}
 
 
+def offline_reason(daemon, host: str) -> str | None:
+    """'peer-x is offline' when the netmap says so: say it at once instead of a dial timeout."""
+    t = daemon.tailnet
+    if t is None or t.netmap is None:
+        return None
+    node = find_node(t.netmap, host)
+    if node is None or node is t.netmap.self_node:
+        return None
+    name = node.short_name(t.netmap.magicdns_suffix) or host
+    if node.online is False:
+        return f"{name} is offline"
+    if node.expired:
+        return f"{name}'s node key has expired"
+    return None
+
+
+async def forward_warning(daemon, spec) -> str | None:
+    """A forward to a name that does not resolve now is allowed (the peer may join later), but
+    the user hears about it when adding it, not only from failing connections."""
+    if _ip(spec.host) is not None:
+        return None
+    try:
+        kind, _ = await daemon.dialer.route(spec.host)
+    except TsproxyError:
+        kind = "outside"
+    if kind == "tunnel":
+        return None
+    policy = getattr(daemon.dialer, "policy", "direct")
+    then = ("dialed from this host" if policy == "direct" else "refused")
+    return (f"{spec.host} is not a name on the tunnel now; connections to "
+            f"{spec.host}:{spec.port} will be {then} until it is")
+
+
 HANDLERS = {"ping": ping, "whois": whois}

@@ -64,12 +64,15 @@ def merge(flags: dict, environ: dict[str, str] | None = None) -> UpOptions:
     """Build UpOptions from parsed flags (None = not given) over env, file and defaults."""
     environ = os.environ if environ is None else environ
     opts = UpOptions()
+    sources: dict[str, str] = {}          # key -> where its value came from, for errors
+    opts._sources = sources
     config_path = flags.get("config") or environ.get("TSPROXY_CONFIG")
     explicit = config_path is not None
     config_path = config_path or default_config_path()
     if explicit or os.path.exists(config_path):
-        for key, value in _load_toml(config_path, explicit).items():
+        for key, (value, where) in _load_toml(config_path, explicit).items():
             setattr(opts, key, value)
+            sources[key] = where
         opts.config = config_path
     for f in fields(UpOptions):
         if f.name in FILE_ONLY_EXCLUDED:
@@ -77,8 +80,10 @@ def merge(flags: dict, environ: dict[str, str] | None = None) -> UpOptions:
         env_name = "TSPROXY_" + f.name.upper()
         if env_name in environ:
             setattr(opts, f.name, _from_env(f.name, environ[env_name], env_name))
+            sources[f.name] = env_name
     if "TS_AUTHKEY" in environ and "TSPROXY_AUTH_KEY" not in environ:
         opts.auth_key = environ["TS_AUTHKEY"]
+        sources["auth_key"] = "TS_AUTHKEY"
     for key, value in flags.items():
         if value is None or key not in {f.name for f in fields(UpOptions)}:
             continue
@@ -87,14 +92,31 @@ def merge(flags: dict, environ: dict[str, str] | None = None) -> UpOptions:
         if key in BOOL_KEYS and value is False:
             continue
         setattr(opts, key, value)
+        sources.pop(key, None)
     validate(opts)
     return opts
+
+
+def source_of(opts: UpOptions, key: str) -> str:
+    """How to name a setting in an error: `--listen`, `TSPROXY_LISTEN` or
+    `config.toml line 3: listen`, after where its value came from."""
+    return getattr(opts, "_sources", {}).get(key) or "--" + key.replace("_", "-")
+
+
+def _toml_line(text: str, raw_key: str) -> int | None:
+    import re
+    pat = re.compile(r'^\s*(?:"?' + re.escape(raw_key) + r'"?)\s*=')
+    for n, line in enumerate(text.splitlines(), 1):
+        if pat.match(line):
+            return n
+    return None
 
 
 def _load_toml(path: str, explicit: bool) -> dict:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError("config file not found", path=path) from None
     except OSError as e:
@@ -105,6 +127,7 @@ def _load_toml(path: str, explicit: bool) -> dict:
         raise ConfigError("invalid TOML (not UTF-8 text)", path=path) from None
     except RecursionError:
         raise ConfigError("invalid TOML (nested too deeply)", path=path) from None
+    text = raw.decode("utf-8")
     known = {f.name: f for f in fields(UpOptions)}
     out = {}
     for raw_key, value in data.items():
@@ -121,7 +144,8 @@ def _load_toml(path: str, explicit: bool) -> dict:
                 raise ConfigError("expected true or false", path=path, key=raw_key)
         elif not isinstance(value, str):
             raise ConfigError("expected a string", path=path, key=raw_key)
-        out[key] = value
+        line = _toml_line(text, raw_key)
+        out[key] = (value, f"{path}{f' line {line}' if line else ''}: {raw_key}")
     return out
 
 
@@ -138,36 +162,54 @@ def _from_env(key: str, value: str, env_name: str):
 
 
 def validate(opts: UpOptions) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        src = source_of(opts, key)       # "--port must be ...", "TSPROXY_PORT: must be ..."
+        return ConfigError(f"{src} {msg}" if src.startswith("--") else f"{src}: {msg}")
+
     if opts.non_tailnet == "exit-node":
-        raise ConfigError("--non-tailnet exit-node: tsproxy cannot select an exit node yet;"
-                          " use direct or refuse")
+        raise bad("non_tailnet", "tsproxy cannot select an exit node yet; use direct or refuse")
     if opts.non_tailnet not in NON_TAILNET_POLICIES:
-        raise ConfigError(f"--non-tailnet must be one of {', '.join(NON_TAILNET_POLICIES)},"
-                          f" not {opts.non_tailnet!r}")
+        raise bad("non_tailnet", f"must be one of {', '.join(NON_TAILNET_POLICIES)}, not {opts.non_tailnet!r}")
     if opts.log_level.lower() not in LOG_LEVELS:
-        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {opts.log_level!r}")
+        raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {opts.log_level!r}")
     if opts.listen is not None and opts.listen.lower() in ("", "off", "none"):
         opts.listen = None
-    for addr in ([opts.listen] if opts.listen else []) + opts.socks5 + opts.http_proxy:
-        parse_listen_addr(addr)
+    for key in ("listen", "socks5", "http_proxy"):
+        value = getattr(opts, key)
+        for addr in [value] if isinstance(value, str) else (value or []):
+            try:
+                parse_listen_addr(addr)
+            except ConfigError as e:
+                raise bad(key, str(e)) from None
     if (opts.proxy_user is None) != (opts.proxy_password_file is None):
         raise ConfigError("--proxy-user and --proxy-password-file go together")
     tailnet_flags = [name for name in ("login_server", "auth_key", "hostname", "advertise_tags",
                                        "control_ca_file")
                      if getattr(opts, name)] + (["ephemeral"] if opts.ephemeral else [])
     if opts.wg_config is not None and tailnet_flags:
-        raise ConfigError(f"--wg-config (plain WireGuard) cannot be combined with "
-                          f"--{tailnet_flags[0].replace('_', '-')} (Tailscale mode)")
+        raise ConfigError(f"{source_of(opts, 'wg_config')} (plain WireGuard) cannot be combined with "
+                          f"{source_of(opts, tailnet_flags[0])} (Tailscale mode)")
     if opts.wg_config is None:
         opts.login_server = (opts.login_server or DEFAULT_LOGIN_SERVER).rstrip("/")
         if not opts.login_server.startswith(("http://", "https://")):
-            raise ConfigError(f"--login-server must be an http:// or https:// URL, not "
-                              f"{opts.login_server!r}")
+            raise bad("login_server", f"must be an http:// or https:// URL, not {opts.login_server!r}")
     for tag in opts.advertise_tags:
         if not tag.startswith("tag:") or len(tag) < 5:
-            raise ConfigError(f"--advertise-tags: {tag!r} is not a tag (tag:NAME)")
-    if opts.port is not None and (not (str(opts.port).isascii() and str(opts.port).isdigit()) or not 0 <= int(opts.port) <= 65535):
-        raise ConfigError(f"--port must be 0..65535, not {opts.port!r}")
+            raise bad("advertise_tags", f"{tag!r} is not a tag (tag:NAME)")
+    if opts.port is not None and (not (str(opts.port).isascii() and str(opts.port).isdigit())
+                                  or not 0 <= int(opts.port) <= 65535):
+        raise bad("port", f"must be 0..65535, not {opts.port!r}")
+
+
+def check_forward(spec, allow_public: bool, source: str = "forward",
+                  allow_flag: str = "--allow-public") -> None:
+    """A forward listens without any authentication: loopback unless the user insists, and on
+    a real port (0 would pick one nobody can know)."""
+    if spec.listen_port == 0:
+        raise ConfigError(f"{source} {spec.text!r}: listen port 0 is not allowed; pick a port 1-65535")
+    if not allow_public and not is_loopback(spec.listen_host):
+        raise ConfigError(f"{source} {spec.text!r}: refusing to listen on {spec.listen_host} (not loopback):"
+                          f" a forward has no authentication; pass {allow_flag} if you mean it")
 
 
 def parse_listen_addr(text: str) -> tuple[str, int]:

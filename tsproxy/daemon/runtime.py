@@ -69,6 +69,7 @@ def prepare(opts: options.UpOptions) -> Plan:
                                       allow_public=opts.allow_public_without_auth)
     forwards = [specs.parse_forward(s) for s in opts.forward]
     for spec in forwards:
+        options.check_forward(spec, True, options.source_of(opts, "forward"))   # port 0
         exposure.check_forward(spec, allow_public=opts.allow_public_without_auth)
     reverses = [specs.parse_reverse(s) for s in opts.reverse]
     hostname = opts.hostname or _default_hostname()
@@ -179,13 +180,18 @@ class Daemon:
         try:
             self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
             await self.ipc.start()
+            # bind every local listener before the control server hears of us: a port in use
+            # fails here, not after the node is registered (and left offline in every netmap)
+            self.dialer = LateDialer()
+            await self._start_frontends(reverses=False)
             log.info("joining the tailnet at %s as %s", opts.login_server, self.plan.hostname)
             if not await self.tailnet.start(self.stopping):
                 return 0
             self.tailnet.on_applied = self._refresh_pac
-            self.netstack, self.dialer, self.device = (self.tailnet.netstack, self.tailnet.dialer,
-                                                       self.tailnet.device)
-            await self._start_frontends()
+            self._refresh_pac(self.tailnet.netmap)
+            self.netstack, self.device = self.tailnet.netstack, self.tailnet.device
+            self.dialer.target = self.tailnet.dialer
+            await self._start_frontends(listeners=False)
             self.state = "Running"
             log.info("running: %s", ", ".join(self.tailnet.addresses()))
             await self.stopping.wait()
@@ -237,14 +243,14 @@ class Daemon:
             await self._shutdown()
         return 0
 
-    async def _start_frontends(self) -> None:
+    async def _start_frontends(self, listeners: bool = True, reverses: bool = True) -> None:
         from tsproxy.proxy.aio.reverse import ReverseForward
 
-        if self.plan.listeners:
+        if listeners and self.plan.listeners:
             await self._start_listeners()
-        for spec in self.plan.forwards:
+        for spec in self.plan.forwards if listeners else ():
             await self.add_forward(spec)
-        for spec in self.plan.reverses:
+        for spec in self.plan.reverses if reverses else ():
             rev = ReverseForward(self.netstack, spec)
             await rev.start()
             self.reverses.append(rev)
@@ -266,7 +272,8 @@ class Daemon:
         if self.tailnet is not None:
             pac = PacConfig()
             self._pacs.append(pac)
-            self._refresh_pac(self.tailnet.netmap)
+            if self.tailnet.netmap is not None:
+                self._refresh_pac(self.tailnet.netmap)
             return pac
         nets = []
         for peer in self.conf.peers:
@@ -352,8 +359,11 @@ class Daemon:
             return {"ok": True, "forwards": [fw.describe() for fw in self.forwards.values()]}
         if op == "forward.add":
             from tsproxy.proxy import specs
-            fw = await self.add_forward(specs.parse_forward(str(req.get("spec", ""))))
-            return {"ok": True, "forward": fw.describe()}
+            from tsproxy.daemon import ops
+            spec = specs.parse_forward(str(req.get("spec", "")))
+            options.check_forward(spec, True)      # port 0; exposure is checked in add_forward
+            fw = await self.add_forward(spec)
+            return {"ok": True, "forward": fw.describe(), "warning": await ops.forward_warning(self, spec)}
         if op == "forward.remove":
             key = str(req.get("port", ""))
             key = key if ":" in key else f"tcp:{key}"
@@ -373,10 +383,15 @@ class Daemon:
         host, port = req.get("host"), req.get("port")
         if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
             return {"ok": False, "error": "dial needs a host name and a port 1..65535"}
+        from tsproxy.daemon import ops
+        from tsproxy.proxy.specs import fmt_hostport
+        offline = ops.offline_reason(self, host)
+        if offline:
+            return {"ok": False, "error": offline}
         try:
             r2, w2 = await self.dialer.open_connection(host, port)
         except TsproxyError as e:
-            return {"ok": False, "error": f"cannot connect to {host}:{port}: {e}"}
+            return {"ok": False, "error": f"cannot connect to {fmt_hostport(host, port)}: {e}"}
         writer.write(b'{"ok": true}\n')
         await writer.drain()
         await relay(reader, writer, r2, w2)
@@ -467,6 +482,22 @@ class Daemon:
                 if isinstance(v, (int, float)):
                     out[f"{prefix}.{k}"] = out.get(f"{prefix}.{k}", 0) + v
         return out
+
+
+class LateDialer:
+    """Stands in for the tailnet's Dialer until the first netmap builds it, so the listeners can
+    be bound before logging in; a connection before then is refused with the reason."""
+
+    def __init__(self):
+        self.target = None
+
+    def __getattr__(self, name):
+        if self.target is None:
+            async def not_yet(*args, **kwargs):
+                from tsproxy.errors import HostUnreachable
+                raise HostUnreachable("not connected to the tailnet yet (see 'tsproxy status')")
+            return not_yet
+        return getattr(self.target, name)
 
 
 def _fmt_endpoint(ep) -> str | None:

@@ -391,7 +391,8 @@ class NetstackRuntime:
                 await stream.connected
         except TimeoutError:
             stream.abort()
-            raise DialTimeout(f"{ip}:{port}: no answer within {timeout:g} s") from None
+            where = f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+            raise DialTimeout(f"{where}: no answer within {timeout:g} s") from None
         except BaseException:
             stream.abort()
             raise

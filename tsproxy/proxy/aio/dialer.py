@@ -88,7 +88,7 @@ class Dialer:
 
     async def open_connection(self, host: str, port: int, *, timeout: float | None = None):
         timeout = self.connect_timeout if timeout is None else timeout
-        where = f"{host}:{port}"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"   # IPv6 in brackets
         kind, targets = await self.route(host)
         if kind == "tunnel":
             self.counters["dial_tunnel"] += 1

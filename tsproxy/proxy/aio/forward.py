@@ -28,6 +28,7 @@ class ForwardServer:
         self.key = spec.key
         self._server: asyncio.AbstractServer | None = None
         self._udp: asyncio.DatagramTransport | None = None
+        self.last_error: str | None = None         # the last dial failure, logged once
         self._tasks: set = set()
         self._sessions: dict = {}
         self.stats = {"connections": 0, "active": 0, "dial_failures": 0, "bytes_out": 0, "bytes_in": 0}
@@ -48,7 +49,8 @@ class ForwardServer:
     def describe(self) -> dict:
         host, port = self.bound or (self.spec.listen_host, self.spec.listen_port)
         return {"proto": self.spec.proto, "listen": fmt_hostport(host, port),
-                "target": fmt_hostport(self.spec.host, self.spec.port), **self.stats}
+                "target": fmt_hostport(self.spec.host, self.spec.port), **self.stats,
+                "last_error": self.last_error}
 
     async def _on_client(self, reader, writer) -> None:
         task = asyncio.current_task()
@@ -60,7 +62,10 @@ class ForwardServer:
                 tr, tw = await self.dialer.open_connection(self.spec.host, self.spec.port)
             except DialError as e:
                 self.stats["dial_failures"] += 1
-                log.info("forward %s: %s", self.spec.text, e)
+                if str(e) != self.last_error:         # once per reason, not per connection
+                    self.last_error = str(e)
+                    log.warning("forward %s: %s (closing its connections until this changes)",
+                                self.spec.text, e)
                 abort(writer)                       # RST tells the client it failed
                 return
             counters = [[0], [0]]
