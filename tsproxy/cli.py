@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     wh.add_argument("--json", action="store_true", help="one JSON document for scripts")
     wh.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
 
+    nk = sub.add_parser("netcheck", help="check UDP, the STUN-mapped addresses and the latency to "
+                        "every DERP region", description="Measure, from this host, whether UDP gets "
+                        "out, our STUN-mapped IPv4/IPv6 addresses, and the latency to each DERP "
+                        "region of the tailnet's DERP map (progress on stderr).")
+    nk.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    nk.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
+
     demo = sub.add_parser("demo", help="run a complete local tailnet with a demo peer and the proxy "
                           "(no root, no network)", description="Start a test control server, a DERP "
                           "relay, a demo peer serving a web page, and the proxy, all on loopback in "
@@ -168,6 +175,8 @@ def _dispatch(parser, args) -> int:
         return cmd_ping(args)
     if args.cmd == "whois":
         return cmd_whois(args)
+    if args.cmd == "netcheck":
+        return cmd_netcheck(args)
     if args.cmd == "demo":
         from tsproxy.testing import demo
         if args.listen:
@@ -496,6 +505,67 @@ def cmd_whois(args) -> int:
                      f"addresses: {', '.join(resp.get('addresses', []))}",
                      f"online:    {online}" + (" (key expired)" if resp.get("expired") else "")]))
     return 0
+
+
+def cmd_netcheck(args) -> int:
+    sock = statedir.socket_path(_state_dir(args))
+    info = ipc.call(sock, {"op": "netcheck.regions"})
+    if not info.get("ok"):
+        return _err(info.get("error", "netcheck failed"))
+    regions, results = info["regions"], {}
+    for i, r in enumerate(regions, 1):
+        label = f"{r['id']}" + (f" ({r['code'] or r['name']})" if r['code'] or r['name'] else "")
+        print(f"measuring DERP region {label} [{i}/{len(regions)}]...", end="", file=sys.stderr,
+              flush=True)
+        res = ipc.call(sock, {"op": "netcheck.probe", "region": r["id"]}, timeout=30)
+        if not res.get("ok"):
+            print("", file=sys.stderr)
+            return _err(res.get("error", "netcheck failed"))
+        results[r["id"]] = res
+        best = min((x["latency_ms"] for x in (res["v4"], res["v6"]) if x), default=None)
+        print(f" {best:.1f}ms" if best is not None else " no answer", file=sys.stderr, flush=True)
+    report = _netcheck_report(regions, results, info.get("home"))
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_netcheck(report))
+    return 0
+
+
+def _netcheck_report(regions, results, home) -> dict:
+    def first(fam):
+        for r in regions:
+            x = results[r["id"]][fam]
+            if x:
+                return x["mapped"]
+        return None
+    lat = {}
+    for r in regions:
+        vals = [x["latency_ms"] for x in (results[r["id"]]["v4"], results[r["id"]]["v6"]) if x]
+        lat[r["id"]] = min(vals) if vals else None
+    answered = {rid: v for rid, v in lat.items() if v is not None}
+    names = {r["id"]: r["code"] or r["name"] or "" for r in regions}
+    return {"udp": bool(answered), "ipv4": first("v4"), "ipv6": first("v6"),
+            "preferred_derp": min(answered, key=answered.get) if answered else None,
+            "home_derp": home, "derp_latency_ms": lat, "region_names": names}
+
+
+def format_netcheck(rep: dict) -> str:
+    names = rep["region_names"]
+    lines = ["Report:",
+             f"\t* UDP: {'true' if rep['udp'] else 'false'}",
+             f"\t* IPv4: " + (f"yes, {rep['ipv4']}" if rep["ipv4"] else "(no STUN answer)"),
+             f"\t* IPv6: " + (f"yes, {rep['ipv6']}" if rep["ipv6"] else "no"),
+             f"\t* Nearest DERP: " + (f"{rep['preferred_derp']}" + (
+                 f" ({names[rep['preferred_derp']]})" if names.get(rep['preferred_derp']) else "")
+                 if rep["preferred_derp"] is not None else "none answered"),
+             f"\t* DERP home now: {rep['home_derp'] or '-'}",
+             "\t* DERP latency:"]
+    order = sorted(rep["derp_latency_ms"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0))
+    for rid, ms in order:
+        name = f" ({names[rid]})" if names.get(rid) else ""
+        lines.append(f"\t\t- {rid}: " + (f"{ms:.1f}ms" if ms is not None else "no answer") + name)
+    return "\n".join(lines)
 
 
 def cmd_forward(args, parser) -> int:

@@ -6,11 +6,15 @@ prints it.  Errors a user can act on come back as `{"ok": false, "error": "one l
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import os
 
+from tsproxy.disco import stun
 from tsproxy.errors import TsproxyError
 
 PING_TIMEOUT = 5.0
+STUN_TRIES, STUN_WAIT = 3, 0.7          # a region gets three chances to answer, 0.7 s apart
 
 
 def _tailnet(daemon, what: str):
@@ -123,4 +127,90 @@ async def forward_warning(daemon, spec) -> str | None:
             f"{spec.host}:{spec.port} will be {then} until it is")
 
 
-HANDLERS = {"ping": ping, "whois": whois}
+# -- netcheck: the CLI asks for the regions, then measures them one by one (its progress) ----------
+
+def _derp_map(daemon):
+    t = _tailnet(daemon, "netcheck")
+    dm = t.netmap.derp_map
+    if dm is None or not dm.regions:
+        raise TsproxyError("netcheck: the tailnet's DERP map has no regions")
+    return t, dm
+
+
+async def netcheck_regions(daemon, req: dict) -> dict:
+    t, dm = _derp_map(daemon)
+    home = t.magic.home if t.magic is not None else None
+    return {"ok": True, "home": home or None, "regions": [
+        {"id": rid, "code": r.region_code, "name": r.region_name}
+        for rid, r in sorted(dm.regions.items())]}
+
+
+class _StunProbe(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.waiters: dict[bytes, asyncio.Future] = {}
+
+    def datagram_received(self, data, addr):
+        r = stun.parse_response(data)
+        fut = self.waiters.get(r[0]) if r is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(r[1])
+
+
+def _stun_targets(region) -> dict:
+    """family -> (ip, port) of the region's first node with a STUN address of that family."""
+    out = {}
+    for node in region.nodes:
+        if node.stun_port is not None and node.stun_port < 0:
+            continue
+        port = node.stun_port or 3478
+        for fam, ip in (("v4", node.ipv4), ("v6", node.ipv6), ("v4", node.host_name),
+                        ("v6", node.host_name)):
+            a = _ip(ip or "")
+            if a is not None and ("v4" if a.version == 4 else "v6") == fam:
+                out.setdefault(fam, (str(a), port))
+    return out
+
+
+async def _stun(ip: str, port: int) -> dict | None:
+    """STUN from a fresh socket: -> {"latency_ms", "mapped"} or None (no answer, no route)."""
+    loop = asyncio.get_running_loop()
+    try:
+        tr, proto = await loop.create_datagram_endpoint(_StunProbe, remote_addr=(ip, port))
+    except OSError:
+        return None                      # e.g. no IPv6 route on this host
+    try:
+        for _ in range(STUN_TRIES):
+            txid, fut = os.urandom(12), loop.create_future()
+            proto.waiters[txid] = fut
+            sent = loop.time()
+            try:
+                tr.sendto(stun.build_request(txid))
+                mapped = await asyncio.wait_for(fut, STUN_WAIT)
+            except (TimeoutError, OSError):
+                continue
+            host, mport = mapped
+            return {"latency_ms": round((loop.time() - sent) * 1000, 2),
+                    "mapped": f"[{host}]:{mport}" if ":" in host else f"{host}:{mport}"}
+        return None
+    finally:
+        tr.close()
+
+
+async def netcheck_probe(daemon, req: dict) -> dict:
+    _, dm = _derp_map(daemon)
+    region = dm.regions.get(req.get("region"))
+    if region is None:
+        return {"ok": False, "error": f"no DERP region {req.get('region')!r} in the map"}
+    targets = _stun_targets(region)
+    results = await asyncio.gather(*(_stun(*targets[f]) if f in targets else _none()
+                                     for f in ("v4", "v6")))
+    return {"ok": True, "region": region.region_id, "v4": results[0], "v6": results[1],
+            "stun_targets": sorted(targets)}
+
+
+async def _none():
+    return None
+
+
+HANDLERS = {"ping": ping, "whois": whois, "netcheck.regions": netcheck_regions,
+            "netcheck.probe": netcheck_probe}
