@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/tsproxy/config.toml)")
     up.add_argument("--foreground", action="store_true", default=False, help="run in this terminal")
     up.add_argument("--log-level", choices=options.LOG_LEVELS, help="daemon log detail (default info)")
+    up.add_argument("--log-format", choices=options.LOG_FORMATS,
+                    help="daemon log lines as text (default) or one JSON object per line")
+    up.add_argument("--metrics", metavar="ADDR",
+                    help="serve Prometheus /metrics, /healthz and /readyz on ADDR (PORT alone means "
+                    "127.0.0.1:PORT)")
 
     for name, text in (("down", "stop the daemon"), ("status", "show the daemon's state, peers and listeners"),
                        ("logout", "log the node out of the tailnet (forget its keys) and stop the daemon")):
@@ -437,6 +442,8 @@ def format_status(st: dict) -> str:
              f"addresses: {', '.join(st.get('addresses', []))}"]
     for entry in st.get("listeners", []):
         lines.append(f"listen:    {entry['address']} ({entry['kind']})")
+    if st.get("metrics"):
+        lines.append(f"metrics:   http://{st['metrics']}/metrics")
     for f in st.get("forwards", []):
         lines.append(f"forward:   {_fw_listen(f)} -> {f['target']}"
                      + (f" (last error: {f['last_error']})" if f.get("last_error") else ""))

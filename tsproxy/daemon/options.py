@@ -17,6 +17,7 @@ from tsproxy.errors import ConfigError
 
 NON_TAILNET_POLICIES = ("direct", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 DEFAULT_LOGIN_SERVER = "https://controlplane.tailscale.com"
@@ -44,6 +45,8 @@ class UpOptions:
     non_tailnet: str = "direct"
     foreground: bool = False
     log_level: str = "info"
+    log_format: str = "text"
+    metrics: str | None = None
     config: str | None = None
 
     def flag_names(self):
@@ -172,6 +175,15 @@ def validate(opts: UpOptions) -> None:
         raise bad("non_tailnet", f"must be one of {', '.join(NON_TAILNET_POLICIES)}, not {opts.non_tailnet!r}")
     if opts.log_level.lower() not in LOG_LEVELS:
         raise bad("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {opts.log_level!r}")
+    if opts.log_format not in LOG_FORMATS:
+        raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {opts.log_format!r}")
+    if opts.metrics is not None and opts.metrics.lower() in ("", "off", "none"):
+        opts.metrics = None
+    if opts.metrics is not None:
+        try:
+            parse_listen_addr(opts.metrics)
+        except ConfigError as e:
+            raise bad("metrics", str(e)) from None
     if opts.listen is not None and opts.listen.lower() in ("", "off", "none"):
         opts.listen = None
     for key in ("listen", "socks5", "http_proxy"):

@@ -98,16 +98,20 @@ def _default_hostname() -> str:
     return name or "tsproxy"
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        from tsproxy.daemon.logjson import JsonFormatter
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
 
 def run_foreground(plan: Plan) -> int:
-    setup_logging(plan.opts.log_level)
+    setup_logging(plan.opts.log_level, plan.opts.log_format)
     lock = statedir.DaemonLock(plan.state_dir)
     lock.acquire()
     try:
@@ -155,6 +159,7 @@ class Daemon:
         self.reverses: list = []
         self.ipc: ipc.IpcServer | None = None
         self.tailnet = None            # TailnetPlane in Tailscale mode
+        self.metrics = None            # MetricsServer with --metrics
         self._pacs: list = []          # PacConfigs of the listeners, refreshed per netmap
 
     # -- build -------------------------------------------------------------------------------
@@ -180,6 +185,7 @@ class Daemon:
         try:
             self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
             await self.ipc.start()
+            await self._start_metrics()
             # bind every local listener before the control server hears of us: a port in use
             # fails here, not after the node is registered (and left offline in every netmap)
             self.dialer = LateDialer()
@@ -235,6 +241,7 @@ class Daemon:
             await self._start_frontends()
             self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
             await self.ipc.start()
+            await self._start_metrics()
             self.state = "Running"
             log.info("running: %s", ", ".join(str(a) for a in iface.addresses))
             await self.stopping.wait()
@@ -242,6 +249,12 @@ class Daemon:
         finally:
             await self._shutdown()
         return 0
+
+    async def _start_metrics(self) -> None:
+        if self.plan.opts.metrics:
+            from tsproxy.daemon.metrics import MetricsServer
+            self.metrics = MetricsServer(self, *options.parse_listen_addr(self.plan.opts.metrics))
+            await self._start_or_explain(self.metrics, self.plan.opts.metrics)
 
     async def _start_frontends(self, listeners: bool = True, reverses: bool = True) -> None:
         from tsproxy.proxy.aio.reverse import ReverseForward
@@ -318,6 +331,8 @@ class Daemon:
                 log.warning("error while closing %s: %r", type(obj).__name__, e)
         if self.ipc:
             await close(self.ipc)
+        if self.metrics is not None:
+            await close(self.metrics)
         for _, srv in self.servers:
             await close(srv)
         for fw in list(self.forwards.values()):
@@ -426,6 +441,7 @@ class Daemon:
             "addresses": [str(a.ip) for a in iface.addresses],
             "wireguard_port": self.udp.port if self.udp else None,
             "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
+            "metrics": self.metrics.address_text() if self.metrics else None,
             "forwards": [fw.describe() for fw in self.forwards.values()],
             "reverse": [r.describe() for r in self.reverses],
             "peers": peers,
@@ -445,6 +461,7 @@ class Daemon:
             "self": t["self"], "control": t["control"], "auth_url": t["auth_url"],
             "home_derp": t["home_derp"], "magicsock": t["magicsock"],
             "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
+            "metrics": self.metrics.address_text() if self.metrics else None,
             "forwards": [fw.describe() for fw in self.forwards.values()],
             "reverse": [r.describe() for r in self.reverses],
             "peers": t["peers"],
