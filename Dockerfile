@@ -13,6 +13,10 @@
 #     -e TSPROXY_PROXY_PASSWORD_FILE=/run/secrets/proxy-pass tsproxy
 # Inside a container the proxy must listen on 0.0.0.0 to be reachable through -p; tsproxy refuses
 # that without proxy credentials unless TSPROXY_ALLOW_PUBLIC_WITHOUT_AUTH=true.
+# TS_AUTHKEY is read from the environment (only the first start needs it: the node keys are kept
+# in the state volume).  The HEALTHCHECK asks the daemon's /healthz on 127.0.0.1:9100 inside the
+# container; `docker run ... -e TSPROXY_METRICS=0.0.0.0:9100 -p 127.0.0.1:9100:9100` also
+# exposes /metrics and /readyz.
 FROM python:3.11-slim
 
 RUN useradd --system --create-home --home-dir /home/tsproxy --uid 10001 tsproxy
@@ -22,7 +26,12 @@ COPY tsproxy ./tsproxy
 RUN pip install --no-cache-dir . && rm -rf /src
 
 USER tsproxy
-ENV TSPROXY_STATE_DIR=/home/tsproxy/state
+ENV TSPROXY_STATE_DIR=/home/tsproxy/state \
+    TSPROXY_METRICS=127.0.0.1:9100
+RUN mkdir -m 700 /home/tsproxy/state
+VOLUME ["/home/tsproxy/state"]
 EXPOSE 1055
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://' + os.environ['TSPROXY_METRICS'].replace('0.0.0.0', '127.0.0.1') + '/healthz', timeout=4)"]
 ENTRYPOINT ["tsproxy"]
 CMD ["up", "--foreground"]
