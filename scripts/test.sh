@@ -14,7 +14,7 @@ log() { printf '[test.sh] %s\n' "$*" >&2; }
 
 if [ "$(id -u)" = 0 ] && [ "${TSPROXY_SKIP_APT:-0}" != 1 ]; then
   need=()
-  for p in wireguard-go wireguard-tools iproute2 iputils-ping nftables curl chromium procps openssh-client tmux; do
+  for p in wireguard-go wireguard-tools iproute2 iputils-ping nftables curl chromium procps openssh-client tmux systemd; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
   done
   if [ ${#need[@]} -gt 0 ]; then
