@@ -132,6 +132,19 @@ def test_forward_port_in_use_fails_before_registering(tailnet, tmp_path):
     assert tailnet.node("fwbusy") is None
 
 
+def test_up_with_udp_port_in_use_fails_before_registering(tailnet, tmp_path):
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        port = s.getsockname()[1]
+        r = tsp("up", "--state-dir", str(tmp_path / "sd"), "--login-server", tailnet.control_url,
+                "--auth-key", tailnet.auth_key, "--hostname", "udpbusy", "--port", str(port),
+                "--listen", "off", *BASE)
+    assert r.returncode == 1
+    assert f"cannot open the UDP port {port}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert tailnet.node("udpbusy") is None
+
+
 @pytest.mark.parametrize("argv,rc", [(["status"], 141), (["status", "--json"], 141),
                                      (["whois", "100.64.0.1"], 141), (["version"], 141),
                                      (["--help"], 0), (["status", "--help"], 0)])

@@ -190,6 +190,7 @@ class Daemon:
             # fails here, not after the node is registered (and left offline in every netmap)
             self.dialer = LateDialer()
             await self._start_frontends(reverses=False)
+            _check_udp_port(int(opts.port or 0))
             log.info("joining the tailnet at %s as %s", opts.login_server, self.plan.hostname)
             if not await self.tailnet.start(self.stopping):
                 return 0
@@ -499,6 +500,19 @@ class Daemon:
                 if isinstance(v, (int, float)):
                     out[f"{prefix}.{k}"] = out.get(f"{prefix}.{k}", 0) + v
         return out
+
+
+def _check_udp_port(port: int) -> None:
+    """A fixed --port in use fails now, before registering; MagicConn binds it again once the
+    first netmap gives it our node key (a short window, but the common case is caught)."""
+    if not port:
+        return
+    from tsproxy.aio import bind_udp
+    try:
+        bind_udp(None, port).close()
+    except OSError as e:
+        raise ConfigError(f"cannot open the UDP port {port} ({e.strerror or e}); "
+                          "is it already in use?") from None
 
 
 class LateDialer:
