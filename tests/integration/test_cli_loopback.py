@@ -162,7 +162,7 @@ def test_detached_up_status_and_down(tailnet, peer, tmp_path):
         assert r.returncode == 0, r.stderr
         assert re.fullmatch(r"tsproxy is up as tsp-detached\.tailnet\.test: 100\.64\.\d+\.\d+, "
                             r"fd7a:115c:a1e0::[0-9a-f:]+; forwards 127\.0\.0\.1:%d->tsp-peer:8080; "
-                            r"\d+ peers?\n" % port, r.stdout), r.stdout
+                            r"\d+ peers? online\n" % port, r.stdout), r.stdout
         assert oct(os.stat(state).st_mode & 0o777) == "0o700"
         again = cli_text("up", *up)
         assert again.returncode == 1 and "already running" in again.stderr, again.stderr

@@ -137,7 +137,7 @@ def test_readyz_flips_when_control_stops_then_when_the_key_expires(nodes, tailne
     try:
         body = eventually(lambda: (lambda r: r[1] if r[0] == 503 else None)(get(a.metrics_port, "/readyz")),
                           30, "not ready while control is down")
-        assert body.startswith("not ready: control server unreachable"), body
+        assert body.startswith("not ready: control "), body        # Starting, or unreachable
         assert get(a.metrics_port, "/healthz")[0] == 200          # alive all the same
     finally:
         t.join(60)
