@@ -257,6 +257,8 @@ class MagicConn:
         if entry is not None:
             self._spawn(entry.conn.close())
             entry.task.cancel()
+            self._tasks.add(entry.task)           # aclose() waits for it to finish
+            entry.task.add_done_callback(self._tasks.discard)
 
     def _derp_send(self, region: int, dst: bytes, data: bytes) -> bool:
         conn = self._derp(region)
@@ -606,10 +608,15 @@ class MagicConn:
         self.loop.remove_reader(self.sock.fileno())
         self._timer.cancel()
         self._tick_handle.cancel()
+        stopped = []
         for region in list(self.derps):
             entry = self.derps.pop(region)
             await entry.conn.close()
             entry.task.cancel()
+            stopped.append(entry.task)
         for t in list(self._tasks):
             t.cancel()
+            stopped.append(t)
+        # wait for them: a caller that closed us must not find our tasks still pending
+        await asyncio.gather(*stopped, return_exceptions=True)
         self.sock.close()
