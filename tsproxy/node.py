@@ -368,7 +368,7 @@ class Node:
         else:
             plane = self.wgplane
             out = {**common, "mode": "wireguard",
-                   "wireguard_port": plane.udp.port if plane and plane.udp else None,
+                   "wireguard_port": plane.udp.port if plane and plane.udp and not self._closed else None,
                    "peers": plane.peer_status() if plane else []}
             sources = plane.counter_sources() if plane else []
         counters = {}
