@@ -187,3 +187,70 @@ async def test_leaving_async_with_stops_tasks_and_frees_the_udp_port(tailnet):
     again = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     again.bind(("0.0.0.0", port))            # would raise EADDRINUSE if the node kept it
     again.close()
+
+
+async def test_forward_method(tailnet_node):
+    server = await tailnet_node("fw-a")
+    client = await tailnet_node("fw-b")
+    await http_server(server, 80)
+    d = await client.forward("0:fw-a:80")
+    port = int(d["listen"].rsplit(":", 1)[1])
+    assert port > 0 and d["target"] == "fw-a:80"
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET / HTTP/1.1\r\nHost: fw-a\r\n\r\n")
+    await r.readuntil(b"\r\n\r\n")
+    assert await r.readexactly(len(b"hello from fw-a")) == b"hello from fw-a"
+    w.close()
+    assert client.status()["forwards"][0]["target"] == "fw-a:80"
+
+
+def _self_signed(name: str, tmp_path):
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert_path, key_path)
+    client_ctx = ssl.create_default_context(cafile=str(cert_path))
+    return server_ctx, client_ctx
+
+
+async def test_httpx_https_over_the_tailnet(tailnet_node, tmp_path):
+    server_ctx, client_ctx = _self_signed("tls-a", tmp_path)
+
+    async def page(reader, writer):                 # a local TLS server behind a reverse forward
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+        await writer.drain()
+        writer.close()
+    local = await asyncio.start_server(page, "127.0.0.1", 0, ssl=server_ctx)
+    try:
+        server = await tailnet_node("tls-a")
+        client = await tailnet_node("tls-b")
+        await server.reverse(f"tcp:443:127.0.0.1:{local.sockets[0].getsockname()[1]}")
+        async with httpx.AsyncClient(transport=client.httpx_transport(verify=client_ctx)) as http:
+            r = await http.get("https://tls-a/")
+            assert r.status_code == 200 and r.text == "secret"
+        async with httpx.AsyncClient(transport=client.httpx_transport()) as http:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await http.get("https://tls-a/")     # the system CAs do not trust it
+    finally:
+        local.close()
