@@ -29,7 +29,8 @@ class Node:
     """A tailnet node in this process.  Keyword arguments only; an unknown one is a TypeError.
 
     Tailscale mode: control_url, auth_key, hostname, state_dir (None: the identity lives in
-    memory and dies with the node), ephemeral, tags, port (the WireGuard/disco UDP port, 0: any).
+    memory and dies with the node), ephemeral, tags, port (the WireGuard/disco UDP port, 0: any),
+    accept_routes (take peers' advertised subnet routes, as `tailscale up --accept-routes`).
     Plain WireGuard mode: wg_config, a wg-quick file's path or its text.
     non_tailnet: what open_connection() does with a host that is not on the tailnet: "refuse"
     (the default for the library: NotAllowed, nothing is dialed on the host) or "direct" (a
@@ -39,7 +40,8 @@ class Node:
     def __init__(self, *, control_url: str | None = None, auth_key: str | None = None,
                  hostname: str | None = None, state_dir: str | os.PathLike | None = None,
                  ephemeral: bool = False, tags=(), port: int = 0,
-                 wg_config: str | os.PathLike | None = None, non_tailnet: str = "refuse"):
+                 wg_config: str | os.PathLike | None = None, non_tailnet: str = "refuse",
+                 accept_routes: bool = False):
         if non_tailnet not in POLICIES:
             raise ConfigError(f"non_tailnet must be one of {', '.join(POLICIES)}, got {non_tailnet!r}")
         if not isinstance(port, int) or not 0 <= port < 65536:
@@ -49,9 +51,9 @@ class Node:
         self.non_tailnet = non_tailnet
         self.conf = None
         if wg_config is not None:
-            if control_url or auth_key or tags or ephemeral:
+            if control_url or auth_key or tags or ephemeral or accept_routes:
                 raise TypeError("wg_config cannot be combined with Tailscale-mode arguments "
-                                "(control_url, auth_key, tags, ephemeral)")
+                                "(control_url, auth_key, tags, ephemeral, accept_routes)")
             self.conf = _load_wg_config(wg_config)
         else:
             from tsproxy.control.aio import ControlURL
@@ -63,6 +65,7 @@ class Node:
         self._ephemeral = ephemeral
         self._tags = tuple(tags)
         self._port = port
+        self._accept_routes = bool(accept_routes)
         self.tailnet = None            # TailnetPlane (Tailscale mode)
         self.wgplane = None            # WgPlane (WireGuard mode)
         self.started = time.time()
@@ -103,7 +106,8 @@ class Node:
         self.tailnet = TailnetPlane(control_url=self._control_url, state_dir=self._state_dir,
                                     hostname=self.hostname, auth_key=self._auth_key,
                                     ephemeral=self._ephemeral, tags=self._tags,
-                                    udp_port=self._port, non_tailnet=self.non_tailnet)
+                                    udp_port=self._port, non_tailnet=self.non_tailnet,
+                                    accept_routes=self._accept_routes)
         self.tailnet.on_state = lambda s: self._set_state(self._tailnet_state())
         self.tailnet.on_applied = lambda nm: self._set_state(self._tailnet_state())
         self._start_task = asyncio.create_task(self.tailnet.start(self._stopping), name="node-start")

@@ -179,3 +179,25 @@ async def test_watch_state_sees_running_then_stopped(tailnet):
     await node.aclose()
     await asyncio.wait_for(t, 10)
     assert seen[0] == "Starting" and "Running" in seen and seen[-1] == "Stopped"
+
+
+async def test_state_dir_keeps_the_identity_and_memory_mode_does_not(tailnet, tmp_path):
+    import os
+    import stat
+    state = tmp_path / "state"
+    async with tsproxy.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+                            hostname="api-keep", state_dir=state) as node:
+        await node.wait_running(60)
+        first = node.addresses
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    files = list(state.iterdir())
+    assert files and all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+    async with tsproxy.Node(control_url=tailnet.control_url, hostname="api-keep",
+                            state_dir=state) as node:           # no key: the stored login is enough
+        await node.wait_running(60)
+        assert node.addresses == first
+    async with tsproxy.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+                            hostname="api-keep") as node:       # in memory: a new node
+        await node.wait_running(60)
+        assert node.addresses != first
+    assert list(state.iterdir()) == files
