@@ -363,12 +363,18 @@ class Node:
             "forwards": [fw.describe() for fw in self.forwards.values()],
             "reverse": [r.describe() for r in self.reverses],
         }
-        if self.tailnet is not None:
-            t = self.tailnet.status()
+        if self.conf is None:
+            if self.tailnet is not None:
+                t = self.tailnet.status()
+                sources = self.tailnet.counter_sources()
+            else:                                  # not started yet
+                t = {"self": None, "auth_url": None, "home_derp": None, "magicsock": None,
+                     "peers": [], "control": {"url": self._control_url, "state": "NoState",
+                                              "last_error": "", "failures": 0}}
+                sources = []
             out = {**common, "mode": "tailscale", "self": t["self"], "control": t["control"],
                    "auth_url": t["auth_url"], "home_derp": t["home_derp"],
                    "magicsock": t["magicsock"], "peers": t["peers"]}
-            sources = self.tailnet.counter_sources()
         else:
             plane = self.wgplane
             out = {**common, "mode": "wireguard",
