@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import socket as _socket
 import time
@@ -21,6 +22,7 @@ import time
 import tsproxy.errors as errors
 from tsproxy.errors import ConfigError, NetworkUnreachable, NotAllowed
 
+log = logging.getLogger("tsproxy.node")
 DEFAULT_CONTROL_URL = "https://controlplane.tailscale.com"
 POLICIES = ("refuse", "direct")
 
@@ -127,8 +129,8 @@ class Node:
             try:
                 async with asyncio.timeout(5):
                     await obj.aclose()
-            except Exception:
-                pass                           # keep closing the rest
+            except Exception as e:             # keep closing the rest; report it
+                log.warning("error while closing %s: %r", type(obj).__name__, e)
         for srv in self._tunnel_servers:
             srv.close()
         for u in self._udp:
