@@ -46,6 +46,7 @@ class Node:
             return
         try:
             self._call(self._node.aclose(), timeout=30)
+            self._call(_cancel_the_rest(), timeout=10)   # as asyncio.run does before closing
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
@@ -103,6 +104,14 @@ class Node:
 
     def peers(self) -> list[dict]:
         return self._call(_now(self._node.peers))
+
+
+async def _cancel_the_rest() -> None:
+    me = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not me]
+    for t in rest:
+        t.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 async def _now(fn):
