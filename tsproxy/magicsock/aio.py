@@ -240,8 +240,8 @@ class MagicConn:
         if entry is not None:
             entry.last_used = now
             return entry.conn
-        if self.derp_map is None or region not in self.derp_map.regions:
-            return None
+        if self.closed or self.derp_map is None or region not in self.derp_map.regions:
+            return None                           # closed: aclose() would never stop a new one
         nodes = [n for n in self.derp_map.regions[region].nodes if not n.stun_only]
         if not nodes:
             return None
