@@ -32,7 +32,8 @@ class Node:
 
     Tailscale mode: control_url, auth_key, hostname, state_dir (None: the identity lives in
     memory and dies with the node), ephemeral, tags, port (the WireGuard/disco UDP port, 0: any),
-    accept_routes (take peers' advertised subnet routes, as `tailscale up --accept-routes`).
+    accept_routes (take peers' advertised subnet routes, as `tailscale up --accept-routes`),
+    control_ca_file (extra CA certificates trusted for the control server and DERP).
     Plain WireGuard mode: wg_config, a wg-quick file's path or its text.
     non_tailnet: what open_connection() does with a host that is not on the tailnet: "refuse"
     (the default for the library: NotAllowed, nothing is dialed on the host) or "direct" (a
@@ -43,7 +44,7 @@ class Node:
                  hostname: str | None = None, state_dir: str | os.PathLike | None = None,
                  ephemeral: bool = False, tags=(), port: int = 0,
                  wg_config: str | os.PathLike | None = None, non_tailnet: str = "refuse",
-                 accept_routes: bool = False):
+                 accept_routes: bool = False, control_ca_file: str | None = None):
         if non_tailnet not in POLICIES:
             raise ConfigError(f"non_tailnet must be one of {', '.join(POLICIES)}, got {non_tailnet!r}")
         if not isinstance(port, int) or not 0 <= port < 65536:
@@ -68,6 +69,7 @@ class Node:
         self._tags = tuple(tags)
         self._port = port
         self._accept_routes = bool(accept_routes)
+        self._ca_file = os.fspath(control_ca_file) if control_ca_file is not None else None
         self.tailnet = None            # TailnetPlane (Tailscale mode)
         self.wgplane = None            # WgPlane (WireGuard mode)
         self.started = time.time()
@@ -109,7 +111,7 @@ class Node:
                                     hostname=self.hostname, auth_key=self._auth_key,
                                     ephemeral=self._ephemeral, tags=self._tags,
                                     udp_port=self._port, non_tailnet=self.non_tailnet,
-                                    accept_routes=self._accept_routes)
+                                    accept_routes=self._accept_routes, ca_file=self._ca_file)
         self.tailnet.on_state = lambda s: self._set_state(self._tailnet_state())
         self.tailnet.on_applied = lambda nm: self._set_state(self._tailnet_state())
         self._start_task = asyncio.create_task(self.tailnet.start(self._stopping), name="node-start")
