@@ -10,7 +10,8 @@ Fixtures
                        `tailnet` (which then listens on the namespace's veth); needs root, caddy,
                        curl and nft: fails under CI=true when it cannot run, skips elsewhere
 
-Options: --tsproxy-tailnet-host (loopback address, default 127.0.0.1), --tsproxy-control-port.
+Options: --tsproxy-tailnet-host (loopback address, default 127.0.0.1), --tsproxy-control-port,
+--tsproxy-tls (HTTPS control + verified DERP; without it DERP is refused and nodes use direct paths).
 A conftest fixture of the same name overrides these, as pytest always does.
 """
 
@@ -32,6 +33,9 @@ def pytest_addoption(parser):
                 help="loopback address the test control server and DERP relay bind to")
     g.addoption("--tsproxy-control-port", type=int, default=0,
                 help="port of the test control server (0: any free port)")
+    g.addoption("--tsproxy-tls", action="store_true",
+                help="HTTPS control server and verified DERP from a throwaway CA (as production); "
+                     "tailnet_node nodes trust it through control_ca_file=tailnet.ca_file")
 
 
 def _loopback(host: str) -> str:
@@ -109,7 +113,8 @@ def tailnet(request):
     host = _loopback(request.config.getoption("--tsproxy-tailnet-host"))
     if _module_uses(request, "go_tailscale_node"):
         host = request.getfixturevalue("tsproxy_go_ns").root_ip   # the Go node must reach it
-    with TestTailnet(host=host, port=request.config.getoption("--tsproxy-control-port")) as net:
+    with TestTailnet(host=host, port=request.config.getoption("--tsproxy-control-port"),
+                     tls=request.config.getoption("--tsproxy-tls")) as net:
         yield PluginTailnet(net)
 
 
@@ -122,6 +127,8 @@ if pytest_asyncio is not None:
         async def make(hostname: str = "node", *, timeout: float = 60.0, **kw) -> Node:
             kw.setdefault("control_url", tailnet.control_url)
             kw.setdefault("auth_key", tailnet.auth_key)
+            if getattr(tailnet, "ca_file", None):
+                kw.setdefault("control_ca_file", tailnet.ca_file)
             node = Node(hostname=hostname, **kw)
             nodes.append(node)
             await node.start()
@@ -141,7 +148,9 @@ async def _seen_by(others, node, timeout: float) -> None:
     deadline = loop.time() + timeout
     want = set(node.addresses)
     for other in others:
-        while not any(want & set(p["addresses"]) for p in other.peers()):
+        # listed in the netmap is not enough: the peer must be usable (key, routes) for dialing
+        while not (any(want & set(p["addresses"]) for p in other.peers())
+                   and all(other._plane().dialer.in_tunnel(ip) for ip in want)):
             if loop.time() > deadline:
                 raise TimeoutError(f"{other.hostname} never saw {node.hostname} in its netmap")
             await asyncio.sleep(0.05)

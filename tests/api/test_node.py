@@ -115,7 +115,7 @@ def test_bad_arguments_are_precise():
 
 
 async def test_rejected_key(tailnet):
-    async with tsproxy.Node(control_url=tailnet.control_url, auth_key="tskey-auth-bogus",
+    async with tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key="tskey-auth-bogus",
                             hostname="api-bad") as node:
         with pytest.raises(AuthRejected) as ei:
             await node.wait_running(30)
@@ -125,14 +125,14 @@ async def test_rejected_key(tailnet):
 
 async def test_expired_key(tailnet):
     key = tailnet.create_auth_key(reusable=True, expires=time.time() - 60)
-    async with tsproxy.Node(control_url=tailnet.control_url, auth_key=key,
+    async with tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key=key,
                             hostname="api-old") as node:
         with pytest.raises(KeyExpired):
             await node.wait_running(30)
 
 
 async def test_interactive_login_then_running(tailnet):
-    async with tsproxy.Node(control_url=tailnet.control_url, hostname="api-login") as node:
+    async with tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, hostname="api-login") as node:
         with pytest.raises(NeedsLogin) as ei:
             await node.wait_running(30)
         assert node.state == "NeedsLogin" and node.auth_url == ei.value.url
@@ -166,7 +166,7 @@ async def test_unreachable_control_url_then_timeout():
 
 
 async def test_watch_state_sees_running_then_stopped(tailnet):
-    node = tsproxy.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+    node = tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key=tailnet.auth_key,
                         hostname="api-watch")
     await node.start()
     seen = []
@@ -185,18 +185,18 @@ async def test_state_dir_keeps_the_identity_and_memory_mode_does_not(tailnet, tm
     import os
     import stat
     state = tmp_path / "state"
-    async with tsproxy.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+    async with tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key=tailnet.auth_key,
                             hostname="api-keep", state_dir=state) as node:
         await node.wait_running(60)
         first = node.addresses
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
     files = list(state.iterdir())
     assert files and all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
-    async with tsproxy.Node(control_url=tailnet.control_url, hostname="api-keep",
+    async with tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, hostname="api-keep",
                             state_dir=state) as node:           # no key: the stored login is enough
         await node.wait_running(60)
         assert node.addresses == first
-    async with tsproxy.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+    async with tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key=tailnet.auth_key,
                             hostname="api-keep") as node:       # in memory: a new node
         await node.wait_running(60)
         assert node.addresses != first

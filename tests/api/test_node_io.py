@@ -174,7 +174,7 @@ async def test_leaving_async_with_stops_tasks_and_frees_the_udp_port(tailnet):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    async with tsproxy.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+    async with tsproxy.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key=tailnet.auth_key,
                             hostname="bye", port=port) as node:
         await node.wait_running(60)
         assert node.status()["magicsock"] is not None

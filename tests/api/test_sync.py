@@ -12,9 +12,9 @@ from tsproxy.errors import AuthRejected
 
 def test_sync_node_socket_http_client_and_clean_exit(tailnet):
     threads = set(threading.enumerate())
-    with tsproxy.sync.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+    with tsproxy.sync.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key=tailnet.auth_key,
                            hostname="sync-a", timeout=60) as a, \
-         tsproxy.sync.Node(control_url=tailnet.control_url, auth_key=tailnet.auth_key,
+         tsproxy.sync.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key=tailnet.auth_key,
                            hostname="sync-b", timeout=60) as b:
         assert a.state == "Running" and a.addresses
         b.reverse(f"tcp:80:127.0.0.1:{_page_server()}")       # b's tailnet port 80 -> local page
@@ -40,7 +40,7 @@ def test_sync_node_socket_http_client_and_clean_exit(tailnet):
 def test_sync_start_failure_raises_and_stops_the_thread(tailnet):
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(AuthRejected):
-        with tsproxy.sync.Node(control_url=tailnet.control_url, auth_key="tskey-auth-nope",
+        with tsproxy.sync.Node(control_url=tailnet.control_url, control_ca_file=tailnet.ca_file, auth_key="tskey-auth-nope",
                                hostname="sync-bad", timeout=30):
             pass
     assert "tsproxy-node" not in {t.name for t in threading.enumerate()} - before
