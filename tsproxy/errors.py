@@ -11,6 +11,12 @@ TsproxyError
     ├── NetworkUnreachable     no route at all for the destination
     ├── DialTimeout            no answer in time
     └── NotAllowed             refused by policy (non-tailnet refuse, packet filter)
+NodeStartError                 why `Node.wait_running()` did not reach Running (tsproxy.Node)
+├── NeedsLogin                 interactive login needed: open .url (the node keeps trying)
+├── AuthRejected               the control server refused the auth key (not retried)
+│   └── KeyExpired             ... because the key has expired
+├── ControlUnreachable         no attempt reached the control server yet (the node keeps trying)
+└── Timeout                    not Running within the timeout (also a TimeoutError)
 
 Packet paths never raise on bad input: they drop and count (see DESIGN.md section 5).
 """
@@ -70,4 +76,32 @@ class DialTimeout(DialError):
 
 
 class NotAllowed(DialError):
+    pass
+
+
+class NodeStartError(TsproxyError):
+    """Base of the outcomes of `Node.wait_running()` other than Running."""
+
+
+class NeedsLogin(NodeStartError):
+    """The control server wants an interactive login; the node keeps polling until it is done."""
+
+    def __init__(self, url: str):
+        self.url = url
+        super().__init__(f"log in by opening {url}")
+
+
+class AuthRejected(NodeStartError):
+    pass
+
+
+class KeyExpired(AuthRejected):
+    pass
+
+
+class ControlUnreachable(NodeStartError):
+    pass
+
+
+class Timeout(NodeStartError, TimeoutError):
     pass

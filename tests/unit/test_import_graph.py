@@ -21,9 +21,9 @@ RANK = {
     "magicsock": 4, "netstack": 4, "dns": 4,
     "tlsconfig": 1,
     "proxy": 5,
-    "daemon": 6,
-    "testing": 7,
-    "cli": 8, "__main__": 9, "__init__": 9,
+    "daemon": 6, "httpx_transport": 6,
+    "testing": 7, "node": 7,
+    "cli": 8, "sync": 8, "pytest_plugin": 8, "__main__": 9, "__init__": 9,
 }
 
 IO_MODULES = {"asyncio", "socket", "ssl", "time", "random", "selectors", "select",
@@ -43,7 +43,12 @@ def _top(parts):
 
 def _io_allowed(parts):
     return (parts[-1] == "aio.py" or "aio" in parts[:-1] or parts[0] in ("daemon", "testing")
-            or parts == ("cli.py",) or parts == ("__main__.py",))
+            or parts == ("cli.py",) or parts == ("__main__.py",)
+            or parts in API_EDGES)
+
+
+# the Python API (tsproxy.Node and friends) is an edge like the daemon: asyncio, sockets, ssl
+API_EDGES = {("node.py",), ("sync.py",), ("httpx_transport.py",), ("pytest_plugin.py",)}
 
 
 def _imports(path, parts):

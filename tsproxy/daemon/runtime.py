@@ -13,7 +13,6 @@ before the daemon detaches; `Daemon.run()` owns every task and socket it opens.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from tsproxy.daemon import exposure, ipc, options, statedir, wgconf
+from tsproxy.daemon.wgplane import resolve_endpoint  # noqa: F401  (moved there; kept importable)
 from tsproxy.errors import ConfigError, TsproxyError
 
 log = logging.getLogger("tsproxy.daemon")
@@ -129,20 +129,6 @@ def run_foreground(plan: Plan) -> int:
         lock.release()
 
 
-def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        return str(ip), port
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as e:
-        raise ConfigError(f"cannot resolve peer endpoint {host!r} ({e.strerror})") from None
-    infos.sort(key=lambda i: i[0] != socket.AF_INET)   # prefer IPv4 like wg does by default
-    return infos[0][4][0], port
-
-
 class Daemon:
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -160,6 +146,7 @@ class Daemon:
         self.ipc: ipc.IpcServer | None = None
         self.tailnet = None            # TailnetPlane in Tailscale mode
         self.metrics = None            # MetricsServer with --metrics
+        self.wgplane = None            # WgPlane in plain WireGuard mode
         self._pacs: list = []          # PacConfigs of the listeners, refreshed per netmap
 
     # -- build -------------------------------------------------------------------------------
@@ -208,43 +195,19 @@ class Daemon:
         return 0
 
     async def _run_wireguard(self) -> int:
-        from tsproxy.dns.aio import TunnelResolver
-        from tsproxy.netstack.aio import NetstackRuntime
-        from tsproxy.netstack.stack import Stack
-        from tsproxy.proxy.aio.dialer import Dialer
-        from tsproxy.wg.aio import WgUdpTransport
-        from tsproxy.wg.device import WgDevice
+        from tsproxy.daemon.wgplane import WgPlane
 
-        loop = asyncio.get_running_loop()
-        iface = self.conf.interface
-        now = loop.time()
-        self.device = WgDevice(iface.private_key, now=now)
-        tunnel_prefixes = []
-        for peer in self.conf.peers:
-            endpoint = resolve_endpoint(*peer.endpoint) if peer.endpoint else None
-            self.device.add_peer(peer.public_key, allowed_ips=peer.allowed_ips, endpoint=endpoint,
-                                 preshared_key=peer.preshared_key,
-                                 persistent_keepalive=float(peer.persistent_keepalive))
-            tunnel_prefixes += peer.allowed_ips
-        stack = Stack([a.ip for a in iface.addresses], mtu=iface.mtu, now=now,
-                      verify_checksums=False)   # WireGuard's Poly1305 already authenticated them
+        self.wgplane = WgPlane(self.conf, non_tailnet=self.plan.opts.non_tailnet)
         try:
-            self.udp = await WgUdpTransport.create(self.device, port=iface.listen_port or 0,
-                                                   on_packets=lambda pkts: self.netstack.deliver(pkts))
-        except OSError as e:
-            raise ConfigError(f"cannot open the WireGuard UDP port {iface.listen_port or 0} ({e.strerror})") from None
-        self.netstack = NetstackRuntime(stack, send_packets=self.udp.send_packets)
-        resolver = TunnelResolver(self.netstack, iface.dns_servers, iface.dns_search)
-        self.dialer = Dialer(self.netstack, names={}, tunnel_prefixes=tunnel_prefixes,
-                             resolver=resolver.resolve if iface.dns_servers else None,
-                             policy=self.plan.opts.non_tailnet, dns_suffixes=iface.dns_search)
-        try:
+            await self.wgplane.start()
+            self.device, self.udp = self.wgplane.device, self.wgplane.udp
+            self.netstack, self.dialer = self.wgplane.netstack, self.wgplane.dialer
             await self._start_frontends()
             self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
             await self.ipc.start()
             await self._start_metrics()
             self.state = "Running"
-            log.info("running: %s", ", ".join(str(a) for a in iface.addresses))
+            log.info("running: %s", ", ".join(self.wgplane.addresses()))
             await self.stopping.wait()
             self.state = "Stopping"
         finally:
@@ -342,11 +305,8 @@ class Daemon:
             await close(rev)
         if self.tailnet is not None:
             await close(self.tailnet)
-        else:
-            if self.netstack is not None:
-                await close(self.netstack)
-            if self.udp is not None:
-                await close(self.udp)
+        elif self.wgplane is not None:
+            await close(self.wgplane)
 
     # -- control socket ------------------------------------------------------------------------
     async def _handle_ipc(self, req: dict, reader, writer):
@@ -418,21 +378,7 @@ class Daemon:
             return self._tailnet_status()
         iface = self.conf.interface
         now = time.time()
-        peers = []
-        dev_status = {p["public_key"]: p for p in self.device.peer_status()} if self.device else {}
-        for i, peer in enumerate(self.conf.peers):
-            st = dev_status.get(peer.public_key.b64(), {})
-            hs = st.get("last_handshake")
-            peers.append({
-                "name": f"peer{i + 1}",
-                "public_key": peer.public_key.b64(),
-                "allowed_ips": [str(n) for n in peer.allowed_ips],
-                "endpoint": _fmt_endpoint(st.get("endpoint")),
-                "handshake_age": (now - hs) if hs else None,
-                "handshakes": st.get("handshakes", 0),
-                "rx_bytes": st.get("rx_bytes", 0),
-                "tx_bytes": st.get("tx_bytes", 0),
-            })
+        peers = self.wgplane.peer_status() if self.wgplane else []
         return {
             "ok": True,
             "state": self.state,
@@ -491,8 +437,7 @@ class Daemon:
         if self.tailnet is not None:
             sources = self.tailnet.counter_sources()
         else:
-            sources = [("wg", self.device), ("udp", self.udp), ("netstack", self.netstack),
-                       ("dialer", self.dialer)]
+            sources = self.wgplane.counter_sources() if self.wgplane else []
         sources += [(f"proxy.{kind}", srv) for kind, srv in self.servers]
         sources.append(("ipc", self.ipc))
         for prefix, obj in sources:
@@ -530,9 +475,3 @@ class LateDialer:
             return not_yet
         return getattr(self.target, name)
 
-
-def _fmt_endpoint(ep) -> str | None:
-    if isinstance(ep, tuple) and len(ep) == 2:
-        host, port = ep
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return None if ep is None else str(ep)

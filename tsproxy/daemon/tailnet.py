@@ -73,7 +73,7 @@ class SplitDns:
 
 
 class TailnetPlane:
-    def __init__(self, *, control_url: str, state_dir: str, hostname: str,
+    def __init__(self, *, control_url: str, state_dir: str | None, hostname: str,
                  auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
                  non_tailnet: str = "direct", accept_routes: bool = False,
                  ca_file: str | None = None):
@@ -88,7 +88,8 @@ class TailnetPlane:
         self.control = ControlClient(control_url, self.store, hostname=hostname,
                                      auth_key=auth_key, tags=tags, ephemeral=ephemeral,
                                      on_netmap=self._on_netmap, on_auth_url=self._on_auth_url,
-                                     trust=self.trust)
+                                     trust=self.trust,
+                                     on_state=lambda s: self.on_state and self.on_state(s))
         self.device = None
         self.magic = None
         self.netstack = None
@@ -100,6 +101,7 @@ class TailnetPlane:
         self._first_applied = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.on_applied = None        # called with each netmap once the data plane reflects it
+        self.on_state = None          # called with each new control state (tsproxy.Node watches it)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, stopping: asyncio.Event) -> bool:

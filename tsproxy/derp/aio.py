@@ -176,6 +176,7 @@ class DerpConnection:
                         self._on_event(ev)
         finally:
             pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)    # never left pending
             self._client = None
             writer.close()
 

@@ -240,8 +240,8 @@ class MagicConn:
         if entry is not None:
             entry.last_used = now
             return entry.conn
-        if self.derp_map is None or region not in self.derp_map.regions:
-            return None
+        if self.closed or self.derp_map is None or region not in self.derp_map.regions:
+            return None                           # closed: aclose() would never stop a new one
         nodes = [n for n in self.derp_map.regions[region].nodes if not n.stun_only]
         if not nodes:
             return None
@@ -257,6 +257,8 @@ class MagicConn:
         if entry is not None:
             self._spawn(entry.conn.close())
             entry.task.cancel()
+            self._tasks.add(entry.task)           # aclose() waits for it to finish
+            entry.task.add_done_callback(self._tasks.discard)
 
     def _derp_send(self, region: int, dst: bytes, data: bytes) -> bool:
         conn = self._derp(region)
@@ -606,12 +608,17 @@ class MagicConn:
         self.loop.remove_reader(self.sock.fileno())
         self._timer.cancel()
         self._tick_handle.cancel()
+        stopped = []
         for region in list(self.derps):
             entry = self.derps.pop(region)
             await entry.conn.close()
             entry.task.cancel()
+            stopped.append(entry.task)
         for t in list(self._tasks):
             t.cancel()
+            stopped.append(t)
+        # wait for them: a caller that closed us must not find our tasks still pending
+        await asyncio.gather(*stopped, return_exceptions=True)
         self.sock.close()
 
     async def ping(self, node_key, timeout: float = 5.0):
