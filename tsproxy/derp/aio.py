@@ -85,6 +85,14 @@ class DerpConnection:
         if self._writer is not None:
             self._writer.close()
 
+    def set_private_key(self, node_private) -> None:
+        """Use a new node key (rotation): the current session ends and run() reconnects with
+        it, keeping queued packets (the server knows us by the key in ClientInfo)."""
+        if node_private.raw == self._key.raw:
+            return
+        self._key = node_private
+        self.drop_connection()
+
     def drop_connection(self) -> None:
         """Close the current connection (tests / network change); run() reconnects."""
         if self._writer is not None:

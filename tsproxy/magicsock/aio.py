@@ -201,6 +201,18 @@ class MagicConn:
         self._by_disco = {ep.disco: ep for ep in self.peers.values() if ep.disco}
         self.codec.set_peers(self._by_disco)
 
+    def set_private_key(self, node_private) -> None:
+        """Node key rotated: every DERP connection re-dials under the new key (peers address
+        DERP packets to it, and servers that admit only current keys refuse the old one);
+        disco pings carry our node key, so they follow self.node_public."""
+        if node_private.raw == self.node_private.raw:
+            return
+        self.node_private = node_private
+        self.node_public = node_private.public()
+        for entry in self.derps.values():
+            entry.conn.set_private_key(node_private)
+        log.info("node key rotated: reconnecting %d DERP connection(s)", len(self.derps))
+
     def set_derp_map(self, derp_map) -> None:
         self.derp_map = derp_map
         for region in [r for r in self.derps if r not in derp_map.regions]:

@@ -4,6 +4,9 @@
     derp_map = {"Regions": {"900": srv.derp_map_region()}}
 
 Hooks for tests: restart() drops every connection (clients must reconnect), close_client(key).
+Admission control (Headscale >= 0.27 `verify_clients`, derper --verify-clients): give
+`verify_client`, a callable taking the client's 32-byte node key and returning whether it is a
+current node key; a refused client is closed right after its ClientInfo, as Go's server does.
 """
 import asyncio
 import datetime
@@ -83,7 +86,9 @@ class TestDerpServer:
     __test__ = False  # not a pytest class
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: bool = False,
-                 stun_port: int | None = 0, region_id: int = 900, keepalive: float = 60.0):
+                 stun_port: int | None = 0, region_id: int = 900, keepalive: float = 60.0,
+                 verify_client=None):
+        self.verify_client = verify_client
         self.host, self.port, self.tls, self.region_id = host, port, tls, region_id
         self._stun_port = stun_port
         self.keepalive = keepalive
@@ -92,7 +97,8 @@ class TestDerpServer:
         self.clients: dict[bytes, _Conn] = {}
         self.seen_client_infos: list[tuple[bytes, dict]] = []
         self.counters = {k: 0 for k in ("accepted", "packets_forwarded", "packets_dropped", "bad_clients",
-                                         "stun_requests", "stun_bad", "packets_dropped_queue_full")}
+                                         "stun_requests", "stun_bad", "packets_dropped_queue_full",
+                                         "clients_refused")}
         self._server = None
         self._stun_transport = None
         self._tasks: set[asyncio.Task] = set()
@@ -221,6 +227,9 @@ class TestDerpServer:
                 self.counters["bad_clients"] += 1
                 return
             self.seen_client_infos.append((key, info))
+            if self.verify_client is not None and not self.verify_client(key):
+                self.counters["clients_refused"] += 1
+                return
             nonce = os.urandom(24)
             writer.write(wire.build_frame(wire.SERVER_INFO,
                                           nonce + box.encrypt(b'{"version":2}', nonce).ciphertext))
@@ -290,3 +299,13 @@ class TestDerpServer:
         while True:
             await asyncio.sleep(self.keepalive * (1 + random.random() / 12))  # Go: 60 s + [0, 5 s)
             writer.write(wire.build_frame(wire.KEEP_ALIVE))
+
+
+def current_node_keys(control):
+    """A `verify_client` for TestDerpServer backed by a TestControlServer's registry: admit a
+    key only while a node holds it and it has not expired (what Headscale's verify_clients
+    checks).  Call it on the control server's loop (the DERP server runs there too)."""
+    def verify(raw_key: bytes) -> bool:
+        node = control.registry.by_node_key("nodekey:" + bytes(raw_key).hex())
+        return node is not None and not node.expired(control.clock())
+    return verify
