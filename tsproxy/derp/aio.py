@@ -17,7 +17,8 @@ from collections import deque
 from urllib.parse import urlsplit
 
 from tsproxy.derp.client import DerpClient
-from tsproxy.errors import RemoteProtocolError
+from tsproxy.errors import ConfigError, RemoteProtocolError
+from tsproxy.netdial.aio import open_stream
 
 log = logging.getLogger(__name__)
 MAX_SEND_QUEUE = 1024
@@ -108,6 +109,8 @@ class DerpConnection:
                 if isinstance(e, RemoteProtocolError):
                     self.counters["protocol_errors"] += 1
                 log.debug("[derp %s:%s] connection lost: %s", self._host, self._port, e)
+            except ConfigError as e:           # e.g. a malformed HTTPS_PROXY: say so, keep trying
+                log.warning("[derp %s:%s] %s", self._host, self._port, e)
             if self.connected.is_set():
                 backoff = 0.0  # the last session worked: retry quickly
             self.connected.clear()
@@ -119,9 +122,10 @@ class DerpConnection:
 
     async def _session(self) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            reader, writer = await asyncio.open_connection(
-                self._host, self._port, ssl=self._ssl_context(),
-                server_hostname=(self._sni if self._tls else None))
+            reader, writer = await open_stream(
+                self._host, self._port, scheme="https" if self._tls else "http",
+                ssl=self._ssl_context(), server_hostname=(self._sni if self._tls else None),
+                timeout=CONNECT_TIMEOUT)
             self._writer = writer
             try:
                 if self._pin:
