@@ -96,9 +96,10 @@ class TestDerpServer:
         self.public = bytes(self._priv.public_key)
         self.clients: dict[bytes, _Conn] = {}
         self.seen_client_infos: list[tuple[bytes, dict]] = []
+        self.ideal_nodes: list[str] = []          # Ideal-Node headers seen (client used a later node)
         self.counters = {k: 0 for k in ("accepted", "packets_forwarded", "packets_dropped", "bad_clients",
                                          "stun_requests", "stun_bad", "packets_dropped_queue_full",
-                                         "clients_refused")}
+                                         "clients_refused", "latency_checks", "peer_gone_sent")}
         self._server = None
         self._stun_transport = None
         self._tasks: set[asyncio.Task] = set()
@@ -193,10 +194,13 @@ class TestDerpServer:
                     k, v = ln.split(":", 1)
                     hdrs[k.strip().lower()] = v.strip()
             if path in ("/derp/probe", "/derp/latency-check"):
+                self.counters["latency_checks"] += 1
                 code = "200 OK" if method in ("GET", "HEAD") else "405 Method Not Allowed"
                 writer.write(f"HTTP/1.1 {code}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
                 await writer.drain()
                 return
+            if "ideal-node" in hdrs:
+                self.ideal_nodes.append(hdrs["ideal-node"])
             if hdrs.get("upgrade", "").lower() != "derp":
                 body = b"DERP requires connection upgrade"
                 writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
@@ -264,6 +268,7 @@ class TestDerpServer:
                 for dst in conn.sent_to:
                     d = self.clients.get(dst)
                     if d is not None:
+                        self.counters["peer_gone_sent"] += 1
                         d.writer.write(gone)
             writer.close()
 
