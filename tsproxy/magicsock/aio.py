@@ -237,12 +237,14 @@ class MagicConn:
         log.info("node key rotated: reconnecting %d DERP connection(s)", len(self.derps))
 
     def set_derp_map(self, derp_map) -> None:
+        changed = derp_map != self.derp_map       # called on every netmap; act on changes
         self.derp_map = derp_map
         for region in [r for r in self.derps if r not in derp_map.regions]:
             self._close_derp(region)
         if self.home not in derp_map.regions:
             self.home = 0
-        self._next_stun = 0.0                  # re-run the home choice on the new map now
+        if derp_map.regions and (changed or not self.home):
+            self._start_netcheck()             # re-run the home choice on the new map now
 
     # -- DERP ------------------------------------------------------------------------------------
     def _start_netcheck(self) -> None:
