@@ -3,14 +3,17 @@ key and tsp-b re-registers with a new one, tsp-b's DERP connection must come bac
 key.  UDP between the two daemons is dropped, so DERP is the only path; the relay admits only
 current node keys, as Headscale >= 0.27 (`verify_clients`) does."""
 
+import asyncio
 import time
 
 import pytest
 
 from tests.conftest import Daemon, free_port
 from tests.tailnet_helpers import eventually, peer_status, socks_curl, start_page_server
+from tsproxy.derp.aio import DerpConnection
+from tsproxy.keys import NodePrivate
 from tsproxy.testing import impair
-from tsproxy.testing.derp_server import current_node_keys
+from tsproxy.testing.derp_server import TestDerpServer, current_node_keys
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -76,3 +79,33 @@ def test_rotated_node_key_keeps_derp_only_traffic_flowing(tailnet, web, tmp_path
         impair.clear_udp_drop()
         a.stop()
         b.stop()
+
+
+async def test_relay_with_verify_client_refuses_keys_it_does_not_admit():
+    good, bad = NodePrivate.generate(), NodePrivate.generate()
+    srv = TestDerpServer(tls=True, stun_port=None,
+                         verify_client=lambda raw: raw == good.public().raw)
+    await srv.start()
+    node = srv.derp_map_region()["Nodes"][0]
+    conns = [DerpConnection(node, k, on_packet=lambda s, d: None) for k in (good, bad)]
+    tasks = [asyncio.create_task(c.run()) for c in conns]
+    try:
+        async with asyncio.timeout(10):
+            await conns[0].connected.wait()
+            while srv.counters["clients_refused"] < 2:      # refused, and refused on retry
+                await asyncio.sleep(0.05)
+        assert not conns[1].connected.is_set()
+        assert set(srv.clients) == {good.public().raw}
+        # rotation: the refused connection re-dials under the new, admitted key and gets in
+        new = NodePrivate.generate()
+        srv.verify_client = lambda raw: raw in (good.public().raw, new.public().raw)
+        conns[1].set_private_key(new)
+        async with asyncio.timeout(10):
+            await conns[1].connected.wait()
+        assert new.public().raw in srv.clients
+    finally:
+        for c in conns:
+            await c.close()
+        for t in tasks:
+            t.cancel()
+        await srv.stop()

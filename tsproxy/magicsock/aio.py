@@ -26,7 +26,7 @@ import time
 from typing import Callable
 
 from tsproxy.aio import DeadlineTimer, UdpAddrs, bind_udp
-from tsproxy.derp.aio import DerpConnection
+from tsproxy.derp.aio import DerpConnection, https_latency
 from tsproxy.disco import stun
 from tsproxy.disco import wire as disco
 from tsproxy.keys import NodePublic
@@ -277,7 +277,9 @@ class MagicConn:
         regions = self.derp_map.regions
         now = self.loop.time()
         entry = self.derps.get(self.home)
-        active = entry is not None and now - entry.conn.last_rx < HOME_ACTIVE_WINDOW
+        # last_rx is on the DERP connection's clock (time.monotonic), not the loop's
+        active = entry is not None and \
+            time.monotonic() - entry.conn.last_rx < HOME_ACTIVE_WINDOW
         hp = self.derp_map.home_params or {}
         raw = hp.get("RegionScore") if isinstance(hp, dict) else None
         scores = {}
@@ -322,7 +324,6 @@ class MagicConn:
             nodes = [n for n in region.nodes if not n.stun_only]
             if not nodes:
                 return
-            from tsproxy.derp.aio import https_latency
             self.counters["https_latency_probes"] += 1
             lat = await https_latency(_node_dict(nodes[0]), timeout=HTTPS_PROBE_TIMEOUT)
             if lat is not None:
