@@ -227,13 +227,16 @@ class MagicConn:
     def set_private_key(self, node_private) -> None:
         """Node key rotated: every DERP connection re-dials under the new key (peers address
         DERP packets to it, and servers that admit only current keys refuse the old one);
-        disco pings carry our node key, so they follow self.node_public."""
+        disco pings carry our node key, so they follow self.node_public; every peer's direct
+        path is re-proven (as Go's SetPrivateKey does)."""
         if node_private.raw == self.node_private.raw:
             return
         self.node_private = node_private
         self.node_public = node_private.public()
         for entry in self.derps.values():
             entry.conn.set_private_key(node_private)
+        for ep in self.peers.values():           # Go resetEndpointStates
+            ep.paths.note_connectivity_change()
         log.info("node key rotated: reconnecting %d DERP connection(s)", len(self.derps))
 
     def set_derp_map(self, derp_map) -> None:
