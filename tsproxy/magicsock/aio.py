@@ -169,6 +169,7 @@ class MagicConn:
         self.home_selector = HomeSelector(self.node_public.raw)
         self._stun_dns: dict[str, list[str]] = {}
         self._netcheck_task: asyncio.Task | None = None
+        self._netcheck_again = False
         self.reflexive: Addr | None = None
         self._endpoints: list = []
         self._timer = DeadlineTimer(self.loop, self._on_timer)
@@ -251,10 +252,12 @@ class MagicConn:
 
     # -- DERP ------------------------------------------------------------------------------------
     def _start_netcheck(self) -> None:
-        if self._netcheck_task is None or self._netcheck_task.done():
-            self._netcheck_task = self.loop.create_task(self._netcheck(), name="netcheck")
-            self._tasks.add(self._netcheck_task)
-            self._netcheck_task.add_done_callback(self._tasks.discard)
+        if self._netcheck_task is not None and not self._netcheck_task.done():
+            self._netcheck_again = True        # the map changed mid-round: run once more
+            return
+        self._netcheck_task = self.loop.create_task(self._netcheck(), name="netcheck")
+        self._tasks.add(self._netcheck_task)
+        self._netcheck_task.add_done_callback(self._tasks.discard)
 
     async def _netcheck(self) -> None:
         """One netcheck round (every 20-26 s): STUN every region (HTTPS latency when no STUN
@@ -275,6 +278,10 @@ class MagicConn:
             self._apply_home(self._pick_home())
         except Exception:
             log.exception("netcheck failed")
+        finally:
+            if self._netcheck_again and not self.closed:
+                self._netcheck_again = False
+                self.loop.call_soon(self._start_netcheck)   # after this task has finished
 
     def _pick_home(self) -> int:
         regions = self.derp_map.regions
