@@ -95,8 +95,7 @@ async def connect_tcp(host: str, port: int, delay: float = HAPPY_EYEBALLS_DELAY)
                     and t.result() is not winner:
                 t.result().close()
     if winner is None:
-        e = errors[-1] if errors else OSError(f"cannot connect to {host}:{port}")
-        raise type(e)(e.errno, f"cannot connect to {host}:{port}: {e.strerror or e}")
+        raise errors[-1] if errors else OSError(f"cannot connect to {host}:{port}")
     winner.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return winner
 
