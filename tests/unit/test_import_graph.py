@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "tsproxy"
 
 RANK = {
     "errors": 0, "version": 0, "aio": 0,
-    "keys": 1,
+    "keys": 1, "netdial": 1,
     "noise": 2,
     "control": 3, "derp": 3, "disco": 3, "wg": 3,
     "magicsock": 4, "netstack": 4, "dns": 4,

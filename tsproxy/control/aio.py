@@ -36,6 +36,7 @@ from tsproxy.control.netmap import MapSession
 from tsproxy.control.noiseconn import ClientHandshake, NoiseConnection
 from tsproxy.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from tsproxy.keys import MachinePublic, NodePrivate
+from tsproxy.netdial.aio import open_stream
 from tsproxy.tlsconfig.aio import CertificateVerifyFailed, default_trust, verify_failure
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,9 @@ class ControlURL:
 
 async def _open(url: ControlURL, timeout: float):
     ctx = url.ssl_context()                       # tlsconfig: system roots (+ private CA)
-    return await asyncio.wait_for(
-        asyncio.open_connection(url.host, url.port, ssl=ctx,
-                                server_hostname=url.host if url.tls else None), timeout)
+    # direct, or through HTTPS_PROXY/HTTP_PROXY (CONNECT) unless NO_PROXY says otherwise
+    return await open_stream(url.host, url.port, scheme="https" if url.tls else "http", ssl=ctx,
+                             server_hostname=url.host if url.tls else None, timeout=timeout)
 
 
 async def fetch_server_key(url: ControlURL, *, version: int = msg.CAPABILITY_VERSION,

@@ -215,6 +215,7 @@ class TailnetPlane:
         if self.device.private_key != ident.node_key:     # node key rotated (expiry renewal)
             log.info("node key changed; renegotiating every tunnel")
             self.device.set_private_key(ident.node_key)
+            self.magic.set_private_key(ident.node_key)
         stack = self.netstack.stack
         addrs = [ipaddress.ip_address(a) for a in nm.addresses]
         if addrs and addrs != stack.addresses:

@@ -26,10 +26,11 @@ import time
 from typing import Callable
 
 from tsproxy.aio import DeadlineTimer, UdpAddrs, bind_udp
-from tsproxy.derp.aio import DerpConnection
+from tsproxy.derp.aio import DerpConnection, https_latency
 from tsproxy.disco import stun
 from tsproxy.disco import wire as disco
 from tsproxy.keys import NodePublic
+from tsproxy.magicsock.derp_home import HomeSelector, derp_route
 from tsproxy.magicsock.paths import PeerPaths
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ RESTUN_MIN, RESTUN_MAX = 20.0, 26.0
 DERP_IDLE_CLOSE = 60.0
 DERP_CLEAN_INTERVAL = 15.0
 STUN_WAIT = 1.0                   # how long the home-region probe waits for answers
+HTTPS_PROBE_TIMEOUT = 3.0         # HTTPS latency fallback per region (UDP blocked)
+HOME_ACTIVE_WINDOW = 8.0          # a home that sent us a frame this recently is reachable
+DNS_TIMEOUT = 2.0
 MAX_LEARNED_ADDRS = 4096
 DERP_MAGIC_IP = "127.3.3.40"      # Go's pseudo address for "via DERP region N" in pongs
 
@@ -84,17 +88,32 @@ def _node_dict(node) -> dict:
             "InsecureForTests": node.insecure_for_tests}
 
 
-def _stun_target(node) -> Addr | None:
-    if node.stun_port is not None and node.stun_port < 0:
+def _literal(text: str) -> str | None:
+    if text in ("", "none"):
         return None
-    ip = node.ipv4 if node.ipv4 not in ("", "none") else None
-    if ip is None:
-        try:
-            ipaddress.ip_address(node.host_name)
-            ip = node.host_name
-        except ValueError:
-            return None
-    return ip, node.stun_port or 3478
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _stun_targets(node, resolved: dict, v6_ok: bool) -> list[Addr]:
+    """STUN addresses of a DERP node: its IPv4 and IPv6 (raced: both probed), or the
+    addresses its HostName resolved to when it names neither (Headscale's embedded region)."""
+    if node.stun_port is not None and node.stun_port < 0:
+        return []
+    port = node.stun_port or 3478
+    ips = [ip for ip in (_literal(node.ipv4), _literal(node.ipv6) if v6_ok else None) if ip]
+    if not ips:
+        host = _literal(node.host_name)
+        ips = [host] if host else list(resolved.get(node.host_name, ()))
+    return [(ip, port) for ip in ips if v6_ok or ":" not in ip]
+
+
+def _needs_dns(node) -> bool:
+    return (not (node.stun_port is not None and node.stun_port < 0)
+            and _literal(node.ipv4) is None and _literal(node.ipv6) is None
+            and _literal(node.host_name) is None and bool(node.host_name))
 
 
 def local_addresses() -> list[str]:
@@ -149,6 +168,10 @@ class MagicConn:
         self.derps: dict[int, _Derp] = {}
         self._stun_pending: dict[bytes, tuple[int, float]] = {}
         self.region_latency: dict[int, float] = {}
+        self.home_selector = HomeSelector(self.node_public.raw)
+        self._stun_dns: dict[str, list[str]] = {}
+        self._netcheck_task: asyncio.Task | None = None
+        self._netcheck_again = False
         self.reflexive: Addr | None = None
         self._endpoints: list = []
         self._timer = DeadlineTimer(self.loop, self._on_timer)
@@ -160,7 +183,8 @@ class MagicConn:
             "rx_udp", "tx_udp", "tx_udp_errors", "tx_udp_blocked", "rx_derp", "tx_derp", "tx_derp_no_region",
             "rx_derp_unknown_peer", "rx_wg_unknown_source", "rx_stun", "rx_geneve_dropped",
             "disco_ping_rx", "disco_pong_rx", "disco_cmm_rx", "disco_cmm_udp_ignored",
-            "disco_ping_tx", "disco_cmm_tx", "disco_from_unknown_peer")}
+            "disco_ping_tx", "disco_cmm_tx", "disco_from_unknown_peer", "derp_peer_gone",
+            "derp_route_dropped", "home_changes", "https_latency_probes")}
         device.wall_offset = time.time() - self.loop.time()
         self.loop.add_reader(sock.fileno(), self._on_readable)
         self._tick_handle = self.loop.call_later(TICK, self._tick)
@@ -203,36 +227,122 @@ class MagicConn:
         self._by_disco = {ep.disco: ep for ep in self.peers.values() if ep.disco}
         self.codec.set_peers(self._by_disco)
 
+    def set_private_key(self, node_private) -> None:
+        """Node key rotated: every DERP connection re-dials under the new key (peers address
+        DERP packets to it, and servers that admit only current keys refuse the old one);
+        disco pings carry our node key, so they follow self.node_public; every peer's direct
+        path is re-proven (as Go's SetPrivateKey does)."""
+        if node_private.raw == self.node_private.raw:
+            return
+        self.node_private = node_private
+        self.node_public = node_private.public()
+        for entry in self.derps.values():
+            entry.conn.set_private_key(node_private)
+        for ep in self.peers.values():           # Go resetEndpointStates
+            ep.paths.note_connectivity_change()
+        log.info("node key rotated: reconnecting %d DERP connection(s)", len(self.derps))
+
     def set_derp_map(self, derp_map) -> None:
+        changed = derp_map != self.derp_map       # called on every netmap; act on changes
         self.derp_map = derp_map
         for region in [r for r in self.derps if r not in derp_map.regions]:
             self._close_derp(region)
         if self.home not in derp_map.regions:
             self.home = 0
-            if derp_map.regions:
-                self._spawn(self._choose_home())
-        self._next_stun = 0.0
+        if derp_map.regions and (changed or not self.home):
+            self._start_netcheck()             # re-run the home choice on the new map now
 
     # -- DERP ------------------------------------------------------------------------------------
-    async def _choose_home(self) -> None:
-        """Probe every region's STUN server from our socket; the fastest answer is home
-        (lowest region id if nobody answers)."""
+    def _start_netcheck(self) -> None:
+        if self._netcheck_task is not None and not self._netcheck_task.done():
+            self._netcheck_again = True        # the map changed mid-round: run once more
+            return
+        self._netcheck_task = self.loop.create_task(self._netcheck(), name="netcheck")
+        self._tasks.add(self._netcheck_task)
+        self._netcheck_task.add_done_callback(self._tasks.discard)
+
+    async def _netcheck(self) -> None:
+        """One netcheck round (every 20-26 s): STUN every region (HTTPS latency when no STUN
+        answer comes back, e.g. UDP blocked), then re-choose home with hysteresis."""
+        try:
+            await self._resolve_stun_names()
+            sel = self.home_selector
+            sel.start_round()
+            self._send_stun_probes()
+            regions = self.derp_map.regions
+            deadline = self.loop.time() + STUN_WAIT
+            while self.loop.time() < deadline and len(sel.round_latency) < len(regions):
+                await asyncio.sleep(0.05)
+            if not sel.round_latency:
+                await self._https_latency(regions)
+            if self.closed or self.derp_map is None:
+                return
+            self._apply_home(self._pick_home())
+        except Exception:
+            log.exception("netcheck failed")
+        finally:
+            if self._netcheck_again and not self.closed:
+                self._netcheck_again = False
+                self.loop.call_soon(self._start_netcheck)   # after this task has finished
+
+    def _pick_home(self) -> int:
         regions = self.derp_map.regions
-        self._send_stun_probes()
-        deadline = self.loop.time() + STUN_WAIT
-        while self.loop.time() < deadline and len(self.region_latency) < len(regions):
-            await asyncio.sleep(0.05)
-        measured = {r: lat for r, lat in self.region_latency.items() if r in regions
-                    and not regions[r].no_measure_no_home}
-        home = min(measured, key=measured.get) if measured else min(regions)
-        if home != self.home:
-            old, self.home = self.home, home
-            if old and old in self.derps:
-                self._close_derp(old)
-            self._derp(home)
-            log.info("DERP home region %d%s", home,
-                     f" ({measured[home] * 1000:.1f} ms)" if home in measured else "")
-            self.on_home_derp(home)
+        now = self.loop.time()
+        entry = self.derps.get(self.home)
+        # last_rx is on the DERP connection's clock (time.monotonic), not the loop's
+        active = entry is not None and \
+            time.monotonic() - entry.conn.last_rx < HOME_ACTIVE_WINDOW
+        hp = self.derp_map.home_params or {}
+        raw = hp.get("RegionScore") if isinstance(hp, dict) else None
+        scores = {}
+        for k, v in (raw.items() if isinstance(raw, dict) else ()):
+            try:
+                scores[int(k)] = float(v)
+            except (TypeError, ValueError):
+                continue
+        return self.home_selector.choose(regions, now=now, current=self.home,
+                                         current_active=active, scores=scores)
+
+    def _apply_home(self, home: int) -> None:
+        if not home or home == self.home:
+            if home:
+                self._derp(home)
+            return
+        old, self.home = self.home, home
+        self.counters["home_changes"] += 1
+        if old and old in self.derps:
+            self.derps[old].conn.set_preferred(False)   # stays open while used, then idles out
+        conn = self._derp(home)
+        if conn is not None:
+            conn.set_preferred(True)
+        lat = self.home_selector.round_latency.get(home)
+        log.info("DERP home region %d%s", home, f" ({lat * 1000:.1f} ms)" if lat else "")
+        self.on_home_derp(home)
+
+    async def _resolve_stun_names(self) -> None:
+        names = {n.host_name for r in self.derp_map.regions.values() for n in r.nodes
+                 if _needs_dns(n)}
+        for name in names:
+            try:
+                infos = await asyncio.wait_for(
+                    self.loop.getaddrinfo(name, None, type=socket.SOCK_DGRAM), DNS_TIMEOUT)
+            except (OSError, TimeoutError) as e:
+                log.debug("cannot resolve DERP node %s for STUN: %s", name, e)
+                continue
+            self._stun_dns[name] = list(dict.fromkeys(i[4][0] for i in infos))
+
+    async def _https_latency(self, regions) -> None:
+        async def probe(rid, region):
+            nodes = [n for n in region.nodes if not n.stun_only]
+            if not nodes:
+                return
+            self.counters["https_latency_probes"] += 1
+            lat = await https_latency(_node_dict(nodes[0]), timeout=HTTPS_PROBE_TIMEOUT)
+            if lat is not None:
+                self.home_selector.add_sample(rid, lat, self.loop.time())
+                self.region_latency[rid] = lat
+        await asyncio.gather(*(probe(r, reg) for r, reg in regions.items()
+                               if not reg.no_measure_no_home))
 
     def _derp(self, region: int) -> DerpConnection | None:
         entry = self.derps.get(region)
@@ -242,15 +352,29 @@ class MagicConn:
             return entry.conn
         if self.closed or self.derp_map is None or region not in self.derp_map.regions:
             return None                           # closed: aclose() would never stop a new one
-        nodes = [n for n in self.derp_map.regions[region].nodes if not n.stun_only]
-        if not nodes:
+        if not any(not n.stun_only for n in self.derp_map.regions[region].nodes):
             return None
-        conn = DerpConnection(_node_dict(nodes[0]), self.node_private,
+        conn = DerpConnection(lambda r=region: self._region_nodes(r), self.node_private,
                               on_packet=lambda src, data, r=region: self._on_derp(r, src, data),
+                              on_event=lambda ev, r=region: self._on_derp_event(r, ev),
                               preferred=(region == self.home), trust=self.trust)
         task = self.loop.create_task(conn.run(), name=f"derp-{region}")
         self.derps[region] = _Derp(conn, task, now)
         return conn
+
+    def _region_nodes(self, region: int) -> list[dict]:
+        """The region's nodes in the DERP map as it is now (read on every connect)."""
+        reg = self.derp_map.regions.get(region) if self.derp_map is not None else None
+        return [_node_dict(n) for n in reg.nodes if not n.stun_only] if reg else []
+
+    def _on_derp_event(self, region: int, ev) -> None:
+        if ev[0] == "peer_gone":
+            # the peer left that server: stop answering it there (Go removeDerpPeerRoute)
+            self.counters["derp_peer_gone"] += 1
+            ep = self._by_raw.get(bytes(ev[1]))
+            if ep is not None and ep.paths.last_derp_region == region:
+                ep.paths.last_derp_region = 0
+                self.counters["derp_route_dropped"] += 1
 
     def _close_derp(self, region: int) -> None:
         entry = self.derps.pop(region, None)
@@ -411,16 +535,20 @@ class MagicConn:
         if self.derp_map is None:
             return
         now = self.loop.time()
+        v6_ok = self.addrs.family == socket.AF_INET6
+        if len(self._stun_pending) > 256:
+            self._stun_pending.clear()
         for rid, region in self.derp_map.regions.items():
+            if region.no_measure_no_home:
+                continue
             for node in region.nodes:
-                target = _stun_target(node)
-                if target is None:
+                targets = _stun_targets(node, self._stun_dns, v6_ok)
+                if not targets:
                     continue
-                txid = os.urandom(12)
-                if len(self._stun_pending) > 256:
-                    self._stun_pending.clear()
-                self._stun_pending[txid] = (rid, now)
-                self._send_udp(stun.build_request(txid), target)
+                for target in targets:           # IPv4 and IPv6 raced: first answer counts
+                    txid = os.urandom(12)
+                    self._stun_pending[txid] = (rid, now)
+                    self._send_udp(stun.build_request(txid), target)
                 break
 
     def _on_stun(self, data: bytes, addr: Addr, now: float) -> None:
@@ -434,6 +562,7 @@ class MagicConn:
             return
         region, sent = pending
         self.region_latency[region] = now - sent
+        self.home_selector.add_sample(region, now - sent, now)
         if mapped is not None:
             mapped = self.addrs.norm(tuple(mapped))
             if mapped != self.reflexive:
@@ -511,11 +640,8 @@ class MagicConn:
                         except OSError:
                             errors += 1
                     if region:
-                        # as Go's derpRoute: answer through the region we last heard the peer
-                        # on while that connection is open, else its home region
-                        last = ep.paths.last_derp_region
-                        if last and last != region and last in self.derps:
-                            region = last
+                        region = derp_route(ep.paths.home_derp, ep.paths.last_derp_region,
+                                            self.derps)
                         ep.tx_derp += len(data)
                         self._derp_send(region, ep.raw, data)
                     elif addr is None:
@@ -557,7 +683,8 @@ class MagicConn:
                         self._send_disco_for(ep)
             if now >= self._next_stun and self.derp_map is not None:
                 self._next_stun = now + random.uniform(RESTUN_MIN, RESTUN_MAX)
-                self._send_stun_probes()
+                if self.derp_map.regions:
+                    self._start_netcheck()
                 self._refresh_endpoints()
             if now >= self._next_derp_clean:
                 self._next_derp_clean = now + DERP_CLEAN_INTERVAL

@@ -138,6 +138,13 @@ class PeerPaths:
             self.trust_until = now + TRUST_UDP_ADDR_DURATION
         return True
 
+    def note_connectivity_change(self) -> None:
+        """Our key or network changed (Go noteConnectivityChange): the direct path must be
+        proven again before it is trusted alone, and the DERP reply route (tied to a
+        connection that is being replaced) is forgotten."""
+        self.trust_until = 0.0
+        self.last_derp_region = 0
+
     def on_derp_receive(self, region: int) -> None:
         self.last_derp_region = region
 

@@ -8,6 +8,9 @@ TLS uses a self-signed certificate (the DERP map then says InsecureForTests), or
 to verify it, as production relays do).
 
 Hooks for tests: restart() drops every connection (clients must reconnect), close_client(key).
+Admission control (Headscale >= 0.27 `verify_clients`, derper --verify-clients): give
+`verify_client`, a callable taking the client's 32-byte node key and returning whether it is a
+current node key; a refused client is closed right after its ClientInfo, as Go's server does.
 """
 import asyncio
 import datetime
@@ -88,7 +91,8 @@ class TestDerpServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: bool = False,
                  stun_port: int | None = 0, region_id: int = 900, keepalive: float = 60.0,
-                 ca=None):
+                 ca=None, verify_client=None):
+        self.verify_client = verify_client
         self.host, self.port, self.tls, self.region_id = host, port, tls, region_id
         self.ca = ca                     # testing.tlsca.TestCA: a verifiable certificate
         self._stun_port = stun_port
@@ -97,8 +101,10 @@ class TestDerpServer:
         self.public = bytes(self._priv.public_key)
         self.clients: dict[bytes, _Conn] = {}
         self.seen_client_infos: list[tuple[bytes, dict]] = []
+        self.ideal_nodes: list[str] = []          # Ideal-Node headers seen (client used a later node)
         self.counters = {k: 0 for k in ("accepted", "packets_forwarded", "packets_dropped", "bad_clients",
-                                         "stun_requests", "stun_bad", "packets_dropped_queue_full")}
+                                         "stun_requests", "stun_bad", "packets_dropped_queue_full",
+                                         "clients_refused", "latency_checks", "peer_gone_sent")}
         self._server = None
         self._stun_transport = None
         self._tasks: set[asyncio.Task] = set()
@@ -198,10 +204,13 @@ class TestDerpServer:
                     k, v = ln.split(":", 1)
                     hdrs[k.strip().lower()] = v.strip()
             if path in ("/derp/probe", "/derp/latency-check"):
+                self.counters["latency_checks"] += 1
                 code = "200 OK" if method in ("GET", "HEAD") else "405 Method Not Allowed"
                 writer.write(f"HTTP/1.1 {code}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
                 await writer.drain()
                 return
+            if "ideal-node" in hdrs:
+                self.ideal_nodes.append(hdrs["ideal-node"])
             if hdrs.get("upgrade", "").lower() != "derp":
                 body = b"DERP requires connection upgrade"
                 writer.write(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
@@ -232,6 +241,9 @@ class TestDerpServer:
                 self.counters["bad_clients"] += 1
                 return
             self.seen_client_infos.append((key, info))
+            if self.verify_client is not None and not self.verify_client(key):
+                self.counters["clients_refused"] += 1
+                return
             nonce = os.urandom(24)
             writer.write(wire.build_frame(wire.SERVER_INFO,
                                           nonce + box.encrypt(b'{"version":2}', nonce).ciphertext))
@@ -266,6 +278,7 @@ class TestDerpServer:
                 for dst in conn.sent_to:
                     d = self.clients.get(dst)
                     if d is not None:
+                        self.counters["peer_gone_sent"] += 1
                         d.writer.write(gone)
             writer.close()
 
@@ -301,3 +314,13 @@ class TestDerpServer:
         while True:
             await asyncio.sleep(self.keepalive * (1 + random.random() / 12))  # Go: 60 s + [0, 5 s)
             writer.write(wire.build_frame(wire.KEEP_ALIVE))
+
+
+def current_node_keys(control):
+    """A `verify_client` for TestDerpServer backed by a TestControlServer's registry: admit a
+    key only while a node holds it and it has not expired (what Headscale's verify_clients
+    checks).  Call it on the control server's loop (the DERP server runs there too)."""
+    def verify(raw_key: bytes) -> bool:
+        node = control.registry.by_node_key("nodekey:" + bytes(raw_key).hex())
+        return node is not None and not node.expired(control.clock())
+    return verify
