@@ -20,7 +20,7 @@ import socket as _socket
 import time
 
 import tsproxy.errors as errors
-from tsproxy.errors import ConfigError, NetworkUnreachable, NotAllowed
+from tsproxy.errors import ConfigError, NetworkUnreachable, NotAllowed, TsproxyError
 
 log = logging.getLogger("tsproxy.node")
 DEFAULT_CONTROL_URL = "https://controlplane.tailscale.com"
@@ -364,6 +364,7 @@ class Node:
             "ok": True, "state": self.state, "pid": os.getpid(), "uptime": time.time() - self.started,
             "addresses": self.addresses,
             "listeners": [{"kind": k, "address": s.address_text()} for k, s in self.servers],
+            "metrics": None,                       # a Node serves no /metrics of its own
             "forwards": [fw.describe() for fw in self.forwards.values()],
             "reverse": [r.describe() for r in self.reverses],
         }
@@ -404,6 +405,18 @@ class Node:
             if want in p.get("addresses", []):
                 return p
         return None
+
+    async def ping(self, host: str, timeout: float = 5.0) -> dict:
+        """One disco ping (as `tsproxy ping -c 1`): {"pong": bool, "latency_ms", "via"
+        ("DERP(900)" or "IP:PORT"), "direct", "name", "ip"}; TsproxyError when the peer is
+        unknown, offline, expired or cannot be pinged (the same reasons the CLI prints)."""
+        from tsproxy.daemon import ops
+        if self.tailnet is None:
+            raise TsproxyError("ping needs Tailscale mode (plain WireGuard has no disco)")
+        r = await ops.ping(self, {"host": host, "timeout": timeout})
+        if not r.get("ok"):
+            raise TsproxyError(r.get("error", "ping failed"))
+        return {k: v for k, v in r.items() if k != "ok"}
 
     def __repr__(self) -> str:
         mode = "wireguard" if self.conf is not None else "tailscale"

@@ -10,7 +10,7 @@ import pytest
 
 import tsproxy
 from tsproxy.errors import (AuthRejected, ConfigError, ControlUnreachable, KeyExpired,
-                            NeedsLogin, NotAllowed, Timeout)
+                            NeedsLogin, NotAllowed, Timeout, TsproxyError)
 MB = 1 << 20
 
 
@@ -87,6 +87,11 @@ async def test_status_peers_whois_and_ipv6(tailnet_node):
     assert row is not None and row["name"] == "api-d"
     assert await a.whois("100.127.255.254") is None
     assert any(p["name"] == "api-d" for p in a.peers())
+    pong = await a.ping("api-d", timeout=10)
+    assert pong["pong"] is True and pong["name"] == "api-d" and pong["latency_ms"] >= 0
+    assert pong["via"].startswith("DERP(") or ":" in pong["via"]
+    with pytest.raises(TsproxyError, match="unknown peer"):
+        await a.ping("no-such-peer")
 
 
 async def test_host_not_on_the_tailnet_is_refused_by_default(tailnet_node):
