@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, Daemon, free_port
+from tests.conftest import REPO, Daemon, free_port, stub_resolver
 from tsproxy.daemon import ipc, statedir
 from tests.tailnet_helpers import eventually, peer_status, start_page_server
 from tsproxy.testing.servers import pattern_sha256
@@ -136,14 +136,60 @@ def test_split_dns_route_resolved_over_the_tailnet(pair, tailnet, dns_server):
     from tsproxy.dns.message import encode_name
     queries = dns_server[2]
     assert any(encode_name("db.corp.test") in q for q in queries)     # the log sees routed names
-    # a name under no route is not sent to that resolver
+    # a name under no route is sent neither to that resolver nor to the host's: with
+    # --non-tailnet refuse the SOCKS server answers 0x02 (not allowed by ruleset)
+    before = a.counters()
     r = subprocess.run(["curl", "-sS", "--max-time", "10", "--socks5-hostname",
                         f"127.0.0.1:{a.proxy_port}", "http://nothing.other.test:8080/"],
                        capture_output=True, text=True)
-    assert r.returncode != 0
+    assert r.returncode == 97 and r.stderr.rstrip().endswith(". (2)"), r.stderr   # SOCKS reply 2
+    after = a.counters()
+    assert after["dialer.dial_refused_policy"] == before["dialer.dial_refused_policy"] + 1
+    assert after["dialer.host_resolve"] == 0 and after["dialer.dial_direct"] == 0
+    stub = stub_resolver()
+    assert stub is None or not [n for n in stub.names() if "nothing.other" in n]
     # ... and the route's resolver never saw it: it got only corp.test queries
     assert not [q for q in queries if b"\x07nothing\x05other" in q]
     assert all(b"\x04corp\x04test\x00" in q for q in queries), queries
+    # a name under the route that its resolver does not know: host unreachable (0x04), and
+    # it was asked of the route's resolver only, never the host
+    r = subprocess.run(["curl", "-sS", "--max-time", "10", "--socks5-hostname",
+                        f"127.0.0.1:{a.proxy_port}", "http://nosuch.corp.test:8080/"],
+                       capture_output=True, text=True)
+    assert r.returncode == 97 and r.stderr.rstrip().endswith(". (4)"), r.stderr   # host unreachable
+    assert any(encode_name("nosuch.corp.test") in q for q in queries)
+    assert a.counters()["dialer.host_resolve"] == 0
+
+
+def test_tailnet_names_and_addresses_never_leave_through_the_host(pair, tailnet, tmp_path):
+    """issue 12: a MagicDNS name no node has and a tailnet address no node holds get a
+    precise error from SOCKS5 (0x04 host unreachable) and the HTTP proxy (502 with the
+    reason), even with --non-tailnet direct, and nothing reaches the host resolver (the stub)
+    or the host's routes (dial_direct stays 0)."""
+    port = free_port()
+    d = Daemon(str(tmp_path / "direct"), [
+        "--login-server", tailnet.control_url, "--auth-key", tailnet.auth_key,
+        "--hostname", "tsp-direct", "--listen", f"127.0.0.1:{port}", "--non-tailnet", "direct"])
+    try:
+        d.start(timeout=60)
+        eventually(lambda: "tsp-b" in str(d.status().get("peers")), 30, "tsp-b in the netmap")
+        for url, shown in (("http://nosuch.tailnet.test:8080/", "nosuch.tailnet.test"),
+                           ("http://100.64.0.99:8080/", "100.64.0.99"),
+                           ("http://[fd7a:115c:a1e0::99]:8080/", "fd7a:115c:a1e0::99")):
+            r = subprocess.run(["curl", "-sS", "--max-time", "10", "--socks5-hostname",
+                                f"127.0.0.1:{port}", url], capture_output=True, text=True)
+            assert r.returncode == 97 and r.stderr.rstrip().endswith(". (4)"), (url, r.stderr)
+            r = subprocess.run(["curl", "-sS", "--max-time", "10", "-i", "--proxy",
+                                f"http://127.0.0.1:{port}", url], capture_output=True, text=True)
+            assert r.stdout.startswith("HTTP/1.1 502 "), (url, r.stdout)
+            assert f"{shown}: no such node on the tailnet" in r.stdout, r.stdout
+        c = d.counters()
+        assert c["dialer.dial_no_such_node"] == 6
+        assert c["dialer.dial_direct"] == 0 and c["dialer.host_resolve"] == 0
+        stub = stub_resolver()
+        assert stub is None or not [n for n in stub.names() if "nosuch" in n]
+    finally:
+        d.stop()
 
 
 def test_pac_file_follows_the_netmap(pair, tailnet, tmp_path):

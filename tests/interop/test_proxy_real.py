@@ -5,13 +5,14 @@ through the PAC file (screenshots kept in tests/artifacts/)."""
 
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 
 import pytest
 
-from tests.conftest import Daemon, free_port
+from tests.conftest import Daemon, free_port, stub_resolver
 from tsproxy.testing.wgpeer import DNS_NAME, PEER_IP4, PEER_IP6
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(180)]
@@ -132,17 +133,41 @@ def _chromium():
     return exe
 
 
+# Chromium never resolves or connects by itself: every name maps to NOTFOUND (the proxy
+# resolves), loopback is not bypassed, and as root its resolv.conf names only the stub resolver
+# (whose queries the conftest guard fails the test on).  Whatever PAC or proxy we give it, a
+# request that is not sent to the test proxy fails instead of leaving the machine.
+NO_EGRESS = ["--proxy-bypass-list=<-loopback>",
+             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost"]
+
+
+def _chromium_run(cmd: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
+    """cmd in its own process group, the whole group killed however this ends."""
+    stub = stub_resolver()
+    proc = subprocess.Popen(stub.wrap(cmd) if stub else cmd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)      # renderers, zygotes, crashpad
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def _run_chromium(tmp_path, proxy_args, url, shot):
     exe = _chromium()
     base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}", *proxy_args]
-    dom = subprocess.run(base + ["--dump-dom", url], capture_output=True, timeout=90)
+            f"--user-data-dir={tmp_path / 'profile'}", *NO_EGRESS, *proxy_args]
+    dom = _chromium_run(base + ["--dump-dom", url])
     os.makedirs(ARTIFACTS, exist_ok=True)
     path = os.path.join(ARTIFACTS, shot)
     if os.path.exists(path):
         os.unlink(path)
-    subprocess.run(base + [f"--screenshot={path}", "--window-size=800,300", url], capture_output=True, timeout=90)
+    _chromium_run(base + [f"--screenshot={path}", "--window-size=800,300", url])
     return dom.stdout, path, dom.stderr
 
 
@@ -162,6 +187,17 @@ def test_chromium_with_pac(proxy_daemon, tmp_path, host, shot):
                                    f"http://{host}/", shot)
     assert b"hello from tsp-peer" in dom, err[-1500:]
     assert os.path.getsize(shot) > 1000
+
+
+def test_chromium_does_not_go_direct(proxy_daemon, tmp_path):
+    """A host the PAC sends DIRECT fails inside Chromium (no resolution, no connect); the
+    egress guard checks that the stub resolver saw no query for it."""
+    dom, _, _ = _run_chromium(tmp_path, [f"--proxy-pac-url=http://127.0.0.1:{proxy_daemon.port}/proxy.pac"],
+                              "http://outside-host.example/", "chromium-direct-refused.png")
+    assert b"hello" not in dom
+    stub = stub_resolver()
+    if stub is not None:
+        assert not [n for n in stub.names() if "outside-host" in n]
 
 
 @pytest.fixture

@@ -196,7 +196,8 @@ class TailnetPlane:
         self.split_dns = SplitDns(self.netstack)
         self.dialer = Dialer(self.netstack, names=nm.names, tunnel_prefixes=self._prefixes(nm),
                              resolver=self.split_dns.resolve, policy=self.non_tailnet,
-                             dns_suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [])
+                             dns_suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [],
+                             tailnet_ranges=True)
 
     def _prefixes(self, nm) -> list:
         return tailnet_prefixes(nm, exit_node=self.exit_node, accept_routes=self.accept_routes)
@@ -233,6 +234,7 @@ class TailnetPlane:
         self.filter.set_match(nm.packet_filter.match)
         self.dialer.set_names(nm.names)
         self.split_dns.update(nm.dns.routes)
+        self.dialer.route_domains = list(self.split_dns.routes)
         self.dialer.prefixes = self._prefixes(nm)
         self.dialer.dns_suffixes = [nm.magicdns_suffix] if nm.magicdns_suffix else []
         self.netmap = nm

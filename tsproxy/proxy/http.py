@@ -166,8 +166,11 @@ def end_to_end(head: Head) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in head.headers if k.lower() not in drop]
 
 
-def error_response(status: int, reason: str, extra: list[tuple[bytes, bytes]] = (), close=True) -> bytes:
-    body = f"{status} {reason}\n".encode()
+def error_response(status: int, reason: str, extra: list[tuple[bytes, bytes]] = (), close=True,
+                   detail: str = "") -> bytes:
+    """`detail` (e.g. why a dial failed) goes on a second body line, printable ASCII only."""
+    detail = "".join(c if " " <= c <= "~" else "?" for c in detail[:300])
+    body = (f"{status} {reason}\n" + (f"{detail}\n" if detail else "")).encode()
     hdrs = [(b"Content-Type", b"text/plain"), (b"Content-Length", str(len(body)).encode())]
     hdrs += list(extra)
     if close:

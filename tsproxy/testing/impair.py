@@ -16,8 +16,14 @@ from __future__ import annotations
 
 from tsproxy.testing.peers import find_binary
 
-TABLE = "tsploss"
-PAIR_TABLE = "tsp_udp_pair_drop"
+import atexit
+import os
+
+TABLE = "tsploss"                   # only ever inside a namespace the test owns
+# drop_udp_between may work in the root namespace: a name of this process, so parallel runs
+# never share or delete each other's table; removed at exit if a caller forgot
+PAIR_TABLE = f"tsp_udp_drop_{os.getpid()}"
+created_tables: set[str] = set()    # root-namespace tables this process made (leftover checks)
 
 
 def _exec(ns, cmd: list[str], check: bool = True, **kw):
@@ -84,8 +90,16 @@ def drop_udp_between(port_a: int, port_b: int, ns=None) -> None:
     rules = (f"table inet {PAIR_TABLE} {{\n chain i {{ type filter hook input priority 0;\n"
              f"  udp sport {port_a} udp dport {port_b} drop;\n"
              f"  udp sport {port_b} udp dport {port_a} drop;\n }}\n}}\n")
+    if ns is None:
+        created_tables.add(PAIR_TABLE)
     _exec(ns, [find_binary("nft"), "-f", "-"], input=rules)
 
 
 def clear_udp_drop(ns=None) -> None:
     _exec(ns, [find_binary("nft"), "delete", "table", "inet", PAIR_TABLE], check=False)
+
+
+@atexit.register
+def _clear_root_tables() -> None:
+    for table in list(created_tables):
+        _exec(None, [find_binary("nft"), "delete", "table", "inet", table], check=False)

@@ -27,6 +27,7 @@ LOCK_PATH = "/tmp/tsproxy-netns.lock"
 REGISTRY_PATH = "/tmp/tsproxy-netns.registry"
 _counter = itertools.count()
 _open: "set[Namespace]" = set()
+created: set[str] = set()          # every namespace this process made (for leftover checks)
 
 
 def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -133,16 +134,21 @@ class Namespace:
         self.procs: list[subprocess.Popen] = []
         self.links: list[str] = []          # root-side interface names we created
         self.subnets: list[ipaddress.IPv4Network] = []
-        run(["ip", "netns", "add", self.name])
-        _open.add(self)
-        self.exec(["ip", "link", "set", "lo", "up"])
-        self.exec(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"], check=False)
         self.etc = f"/etc/netns/{self.name}"
-        os.makedirs(self.etc, exist_ok=True)
-        with open(f"{self.etc}/resolv.conf", "w") as f:
-            f.write("nameserver 127.0.0.1\n")
-        with open(f"{self.etc}/hosts", "w") as f:
-            f.write("127.0.0.1 localhost\n::1 localhost\n")
+        run(["ip", "netns", "add", self.name])
+        created.add(self.name)
+        _open.add(self)
+        try:
+            self.exec(["ip", "link", "set", "lo", "up"])
+            self.exec(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"], check=False)
+            os.makedirs(self.etc, exist_ok=True)
+            with open(f"{self.etc}/resolv.conf", "w") as f:
+                f.write("nameserver 127.0.0.1\n")
+            with open(f"{self.etc}/hosts", "w") as f:
+                f.write("127.0.0.1 localhost\n::1 localhost\n")
+        except BaseException:
+            self.close()
+            raise
 
     def exec(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
         return run(["ip", "netns", "exec", self.name, *cmd], check=check, **kw)

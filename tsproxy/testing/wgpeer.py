@@ -203,10 +203,12 @@ def _state_path(state: str) -> str:
 
 
 def _up(state: str) -> int:
-    peer = WireGuardPeer(state).start()
     import signal
     sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    # blocked before start(): a signal during start-up waits until start() has finished (or
+    # cleaned up after itself) and then tears the peer down, instead of killing us halfway
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    peer = WireGuardPeer(state).start()
     try:
         conf = peer.write_client_conf(dns=True)
         info = {"client_conf": conf, "peer": PEER_IP4, "peer6": PEER_IP6, "client": CLIENT_IP4,

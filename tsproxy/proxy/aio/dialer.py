@@ -3,8 +3,15 @@
     tunnel IP literal (inside a peer's AllowedIPs / the tailnet)   -> netstack
     a name the netmap knows (MagicDNS short name or FQDN)          -> netstack
     a name the tunnel's DNS server resolves to a tunnel address   -> netstack
+    a name under the tailnet's domains (MagicDNS suffix, split-DNS
+      routes) that no node / route resolver answers                -> HostUnreachable
+    an address in the tailnet's ranges (Tailscale mode: CGNAT and
+      the Tailscale ULA) that no node holds                        -> HostUnreachable
     anything else                                                 -> --non-tailnet policy:
         direct (dial from the host, like tailscaled), exit-node, or refuse
+
+Names and addresses of the tailnet never reach the host's resolver or the host's routes.
+`host_resolve` counts names handed to the host's resolver, `dial_direct` host dials.
 
 Failures are tsproxy.errors.DialError subclasses so every front end can map them to its own
 reply codes (SOCKS 0x02-0x06, HTTP 403/502/504, a closed forward).
@@ -22,6 +29,11 @@ from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, HostUnrea
                             NetworkUnreachable, NotAllowed)
 
 log = logging.getLogger(__name__)
+
+# Tailscale assigns node addresses from these; an address inside that no node holds is a
+# missing tailnet host, never something to route through the host (Tailscale mode only: a
+# wg-quick network may use 100.64.x outside its tunnel).
+TAILNET_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
 
 
 def _os_error(e: OSError, where: str) -> DialError:
@@ -41,7 +53,7 @@ def _os_error(e: OSError, where: str) -> DialError:
 class Dialer:
     def __init__(self, netstack, *, names: dict | None = None, tunnel_prefixes=(),
                  resolver=None, policy: str = "direct", connect_timeout: float = 10.0,
-                 dns_suffixes=()):
+                 dns_suffixes=(), route_domains=(), tailnet_ranges: bool = False):
         self.netstack = netstack
         self.names: dict[str, list] = {}
         self.set_names(names or {})
@@ -50,11 +62,27 @@ class Dialer:
         self.policy = policy
         self.connect_timeout = connect_timeout
         self.dns_suffixes = [s.lower().strip(".") for s in dns_suffixes]
-        self.counters = {"dial_tunnel": 0, "dial_direct": 0, "dial_refused_policy": 0, "dial_failed": 0}
+        self.route_domains = [s.lower().strip(".") for s in route_domains]   # split-DNS routes
+        self.tailnet_ranges = TAILNET_RANGES if tailnet_ranges else ()
+        self.counters = {"dial_tunnel": 0, "dial_direct": 0, "dial_refused_policy": 0, "dial_failed": 0,
+                         "dial_no_such_node": 0, "host_resolve": 0}
 
     def in_tunnel(self, ip) -> bool:
         ip = ipaddress.ip_address(ip)
         return any(ip.version == n.version and ip in n for n in self.prefixes)
+
+    def _in_ranges(self, ip) -> bool:
+        return any(ip.version == n.version and ip in n for n in self.tailnet_ranges)
+
+    def _tailnet_domain(self, name: str, domains) -> str | None:
+        for d in domains:
+            if d and (name == d or name.endswith("." + d)):
+                return d
+        return None
+
+    def _no_such(self, what: str) -> HostUnreachable:
+        self.counters["dial_no_such_node"] += 1
+        return HostUnreachable(f"{what}: no such node on the tailnet")
 
     def set_names(self, names: dict) -> None:
         # values may be strings or ip_address objects; routing needs the objects
@@ -62,18 +90,25 @@ class Dialer:
                       for k, v in names.items()}
 
     async def route(self, host: str) -> tuple[str, list]:
-        """-> ("tunnel", [ips]) or ("outside", [host]) for the policy to handle."""
+        """-> ("tunnel", [ips]) or ("outside", [host]) for the policy to handle; raises
+        HostUnreachable for tailnet names and addresses that no node has."""
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
-            return ("tunnel", [ip]) if self.in_tunnel(ip) else ("outside", [str(ip)])
         except ValueError:
-            pass
+            ip = None
+        if ip is not None:
+            if self.in_tunnel(ip):
+                return "tunnel", [ip]
+            if self._in_ranges(ip):
+                raise self._no_such(str(ip))
+            return "outside", [str(ip)]
         name = host.lower().rstrip(".")
         if name in self.names:
             return "tunnel", list(self.names[name])
         for suffix in self.dns_suffixes:
             if name.endswith("." + suffix) and name[: -len(suffix) - 1] in self.names:
                 return "tunnel", list(self.names[name[: -len(suffix) - 1]])
+        routed = self._tailnet_domain(name, self.route_domains)
         if self.resolver is not None:
             try:
                 ips = [ipaddress.ip_address(a) for a in await self.resolver(name)]
@@ -82,8 +117,16 @@ class Dialer:
             tun = [a for a in ips if self.in_tunnel(a)]
             if tun:
                 return "tunnel", tun
-            if ips and self.policy != "direct":
+            if any(self._in_ranges(a) for a in ips):
+                raise self._no_such(name)
+            if ips and (self.policy != "direct" or routed):
+                # the tunnel's resolver answered: dial that address, never re-ask the host
                 return "outside", [str(ips[0])]
+        if routed:
+            self.counters["dial_no_such_node"] += 1
+            raise HostUnreachable(f"{name}: the split-DNS resolvers for {routed} have no address for it")
+        if self._tailnet_domain(name, self.dns_suffixes):
+            raise self._no_such(name)
         return "outside", [host]
 
     async def open_connection(self, host: str, port: int, *, timeout: float | None = None):
@@ -111,6 +154,8 @@ class Dialer:
             self.counters["dial_refused_policy"] += 1
             raise NotAllowed(f"{where} is not on the tunnel and no exit node is selected")
         self.counters["dial_direct"] += 1
+        if not _is_literal(host):
+            self.counters["host_resolve"] += 1
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.open_connection(host, port, limit=256 * 1024)
@@ -123,6 +168,14 @@ class Dialer:
 
     async def open_udp(self) -> "UdpRelay":
         return UdpRelay(self)
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 class UdpRelay:
@@ -147,12 +200,24 @@ class UdpRelay:
             self._tunnel.sendto(data, (str(ip), port))
             return
         if self.dialer.policy != "direct":
-            raise NotAllowed(f"{host}:{port} is not on the tunnel")
+            self.dialer.counters["dial_refused_policy"] += 1
+            raise NotAllowed(f"{host}:{port} is not on the tunnel and --non-tailnet is {self.dialer.policy}")
+        loop = asyncio.get_running_loop()
+        target = targets[0]
+        if not _is_literal(target):
+            # resolve here (counted) rather than inside sendto, which would block the loop
+            self.dialer.counters["host_resolve"] += 1
+            try:
+                infos = await loop.getaddrinfo(target, port, family=socket.AF_INET,
+                                               type=socket.SOCK_DGRAM)
+            except OSError as e:
+                raise _os_error(e, f"{host}:{port}") from None
+            target = infos[0][4][0]
         if self._direct is None:
-            loop = asyncio.get_running_loop()
             self._direct, _ = await loop.create_datagram_endpoint(
                 lambda: _DirectProtocol(self), local_addr=("0.0.0.0", 0))
-        self._direct.sendto(data, (targets[0], port))
+        self.dialer.counters["dial_direct"] += 1
+        self._direct.sendto(data, (target, port))
 
     def _put(self, item) -> None:
         try:

@@ -231,7 +231,7 @@ async def _connect(srv, head, buf, reader, writer) -> None:
         ur, uw = await srv.dialer.open_connection(host, port)
     except DialError as e:
         srv.counters["dial_failed"] += 1
-        writer.write(http.error_response(*_dial_status(e)))
+        writer.write(http.error_response(*_dial_status(e), detail=str(e)))
         return
     writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
     if buf:
@@ -249,7 +249,7 @@ async def _forward(srv, head, host, port, path, buf, reader, writer) -> bool:
             ur, uw = await srv.dialer.open_connection(host, port)
         except DialError as e:
             srv.counters["dial_failed"] += 1
-            writer.write(http.error_response(*_dial_status(e)))
+            writer.write(http.error_response(*_dial_status(e), detail=str(e)))
             return False
         srv.http_pool.counters["opened"] += 1
         pooled = (ur, uw, bytearray())
