@@ -138,7 +138,7 @@ def _chromium():
 # (whose queries the conftest guard fails the test on).  Whatever PAC or proxy we give it, a
 # request that is not sent to the test proxy fails instead of leaving the machine.
 NO_EGRESS = ["--proxy-bypass-list=<-loopback>",
-             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost"]
+             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"]
 
 
 def _chromium_run(cmd: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
@@ -159,6 +159,12 @@ def _chromium_run(cmd: list[str], timeout: float = 90) -> subprocess.CompletedPr
 
 def _run_chromium(tmp_path, proxy_args, url, shot):
     exe = _chromium()
+    # after a failed page load Chromium probes DNS itself (google.com through the system
+    # resolver, and 8.8.8.8 directly; seen with scripts/watch-egress.sh): that is the
+    # "alternate error pages" preference, off in the profile we give it
+    os.makedirs(tmp_path / "profile" / "Default", exist_ok=True)
+    with open(tmp_path / "profile" / "Default" / "Preferences", "w") as f:
+        f.write('{"alternate_error_pages": {"enabled": false}}')
     base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}", *NO_EGRESS, *proxy_args]
