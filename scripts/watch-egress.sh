@@ -7,11 +7,14 @@
 # nftables table in the root namespace can tell its sockets (meta skgid) from those of other
 # users of a shared machine.  Counted, for that group:
 #   dns:     UDP/TCP port 53 to the host's resolvers (the nameservers in /etc/resolv.conf)
-#   other:   any IPv4 destination outside 127.0.0.0/8 and 10.231.0.0/16 (the test veth pool),
-#            any IPv6 destination outside ::1, fe80::/10 and ff00::/8
+#   other:   any IPv4 destination outside 127.0.0.0/8, 10.231.0.0/16 (the test veth pool) and
+#            the machine's own addresses, any IPv6 destination outside ::1, fe80::/10, ff00::/8
+#            and the machine's own addresses
 #   forward: anything the root namespace forwards (a test namespace trying to get out)
 # with each destination (address . protocol . port) kept in a set that is printed at the end.
 # Exit status: the command's, or 3 if it ran cleanly but something left the machine.
+# The machine's own addresses (e.g. eth0's, which magicsock offers as endpoints) count as
+# local: the kernel delivers those over loopback.
 # Run it around pytest itself, not around an install step (pip/apt reach registries).
 set -eu
 
@@ -23,6 +26,9 @@ gid=$(( 40000 + $$ % 20000 ))
 table="tsp_egress_$$"
 resolvers=$(awk '$1 == "nameserver" && $2 ~ /^[0-9.]+$/ { printf "%s%s", sep, $2; sep = ", " }' /etc/resolv.conf)
 [ -n "$resolvers" ] || resolvers="10.255.255.53"
+
+own4=$(ip -o -4 addr show | awk '{ split($4, a, "/"); printf ", %s", a[1] }')
+own6=$(ip -o -6 addr show | awk '{ split($4, a, "/"); printf ", %s", a[1] }')
 
 cleanup() { nft delete table inet "$table" 2>/dev/null || true; }
 trap cleanup EXIT
@@ -37,8 +43,8 @@ table inet $table {
     type filter hook output priority -300; policy accept;
     meta skgid $gid ip daddr { $resolvers } udp dport 53 counter comment "dns-udp"
     meta skgid $gid ip daddr { $resolvers } tcp dport 53 counter comment "dns-tcp"
-    meta skgid $gid ip daddr != { 127.0.0.0/8, 10.231.0.0/16 } counter add @dst4 { ip daddr . meta l4proto . th dport } comment "other-v4"
-    meta skgid $gid ip6 daddr != { ::1, fe80::/10, ff00::/8 } counter add @dst6 { ip6 daddr . meta l4proto . th dport } comment "other-v6"
+    meta skgid $gid ip daddr != { 127.0.0.0/8, 10.231.0.0/16$own4 } counter add @dst4 { ip daddr . meta l4proto . th dport } comment "other-v4"
+    meta skgid $gid ip6 daddr != { ::1, fe80::/10, ff00::/8$own6 } counter add @dst6 { ip6 daddr . meta l4proto . th dport } comment "other-v6"
   }
   chain forwarded {
     type filter hook forward priority -300; policy accept;
