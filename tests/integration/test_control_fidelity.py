@@ -53,7 +53,8 @@ def test_exit_node_peer_changes_nothing_for_non_tailnet_destinations(tailnet, lo
     port = free_port()
     a = Daemon(str(tmp_path / "a"), ["--login-server", tailnet.control_url, "--auth-key",
                                      tailnet.auth_key, "--hostname", "client-a",
-                                     "--listen", f"127.0.0.1:{port}", "--non-tailnet", "direct"])
+                                     "--listen", f"127.0.0.1:{port}", "--non-tailnet", "direct"],
+               allow_direct=True)                 # dials a loopback page server from the host
     try:
         exit_d.start(timeout=60)
         a.start(timeout=60)
