@@ -181,8 +181,10 @@ def stub_resolver():
     """The run's StubResolver (created on first use), or None without root."""
     global _stub
     if _stub is None and os.geteuid() == 0:
+        import atexit
         from tsproxy.testing.stubdns import StubResolver
         _stub = StubResolver()
+        atexit.register(_stub.close)       # bench scripts use Daemon without the session fixture
     return _stub
 
 
