@@ -34,7 +34,8 @@ def test_unselected_go_exit_node_changes_nothing_for_internet_destinations(
     tsp = Daemon(str(tmp_path / "tsp"), ["--login-server", tailnet.control_url, "--auth-key",
                                          tailnet.auth_key, "--hostname", "tsp-exit-client",
                                          "--listen", f"127.0.0.1:{port}",
-                                         "--non-tailnet", "direct"])
+                                         "--non-tailnet", "direct"],
+                 allow_direct=True)          # meant to dial the blackholed address from the host
     go = GoTailscaleNode(go_ns, control_url=tailnet.control_url, auth_key=tailnet.auth_key,
                          workdir=str(tmp_path / "go"), hostname="go-exit")
     tsp.start(timeout=60)
