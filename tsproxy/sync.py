@@ -47,6 +47,8 @@ class Node:
         try:
             self._call(self._node.aclose(), timeout=30)
             self._call(_cancel_the_rest(), timeout=10)   # as asyncio.run does before closing
+            # and its executor threads (getaddrinfo for a control/DERP host name) end too
+            self._call(self._loop.shutdown_default_executor(), timeout=10)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
