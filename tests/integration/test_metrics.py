@@ -82,6 +82,9 @@ def nodes(tailnet, web, tmp_path_factory):
 def test_metrics_parse_and_move_during_a_transfer(nodes):
     a, _ = nodes
     assert a.status()["metrics"] == f"127.0.0.1:{a.metrics_port}"
+    # the home region is chosen by the first netcheck round, which may end after Running
+    eventually(lambda: value(scrape(a.metrics_port), "tsproxy_derp_connected", region="900") == 1,
+               20, "DERP home region 900 connected")
     s0 = scrape(a.metrics_port)
     for name in ("tsproxy_info", "tsproxy_peer_handshakes_total", "tsproxy_events_total",
                  "tsproxy_derp_connected", "tsproxy_control_state", "process_resident_memory_bytes",
@@ -92,6 +95,7 @@ def test_metrics_parse_and_move_during_a_transfer(nodes):
     assert value(s0, "process_resident_memory_bytes") > 1_000_000
     assert value(s0, "tsproxy_events_total", component="magicsock", counter="rx_udp") is not None
     before = value(s0, "tsproxy_peer_bytes_total", peer="mb", direction="rx") or 0
+    packets_before = value(s0, "tsproxy_peer_packets_total", peer="mb", direction="rx") or 0
     result = {}
     t = threading.Thread(target=lambda: result.update(
         r=socks_get(a.proxy_port, f"http://mb:8080/drip/{3 * MB}/6")))
@@ -106,6 +110,10 @@ def test_metrics_parse_and_move_during_a_transfer(nodes):
     assert result["r"][1] == 3 * MB
     s1 = scrape(a.metrics_port)
     assert value(s1, "tsproxy_peer_bytes_total", peer="mb", direction="rx") > max(mid, 3 * MB)
+    # 3 MB in datagrams of at most the tailnet MTU (1280): at least 3 MB / 1280 of them
+    assert value(s1, "tsproxy_peer_packets_total", peer="mb", direction="rx") >= \
+        packets_before + 3 * MB // 1280
+    assert value(s1, "tsproxy_peer_packets_total", peer="mb", direction="tx") > 0
     assert value(s1, "tsproxy_connections_total", frontend="mixed", target="") >= 1
     eventually(lambda: value(scrape(a.metrics_port), "tsproxy_connections_open", frontend="mixed") == 0,
                10, "the proxy connection closed")

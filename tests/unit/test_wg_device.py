@@ -96,6 +96,20 @@ def test_handshake_and_data_both_ways_v4_v6():
             assert (len(d) - 32) % 16 == 0
 
 
+def test_packets_per_peer_counted_both_ways():
+    p = Pair()
+    p.handshake()                                  # a: initiation + data; b: response
+    for i in range(5):
+        assert p.b.send_packet(ip4(B_IP, A_IP, b"z" * i), p.now)
+    p.pump()
+    assert len(p.a.take_packets()) == 5
+    sent_by = {w: sum(1 for who, _ in p.log if who == w) for w in ("a", "b")}
+    a_row = p.a.peer_status()[0]
+    b_row = p.b.peer_status()[0]
+    assert a_row["tx_packets"] == sent_by["a"] == b_row["rx_packets"]
+    assert b_row["tx_packets"] == sent_by["b"] == a_row["rx_packets"] == 6
+
+
 def test_unroutable_packets_are_counted():
     p = Pair()
     assert not p.a.send_packet(ip4(A_IP, "10.9.9.9"), p.now)

@@ -76,6 +76,10 @@ def render(daemon) -> str:
     out.metric("tsproxy_peer_bytes_total", "counter", "WireGuard payload bytes per peer and direction.",
                [({"peer": p["name"], "direction": d}, p.get(f"{d}_bytes", 0))
                 for p in peers for d in ("rx", "tx")])
+    out.metric("tsproxy_peer_packets_total", "counter",
+               "Authenticated WireGuard datagrams per peer and direction.",
+               [({"peer": p["name"], "direction": d}, p.get(f"{d}_packets", 0))
+                for p in peers for d in ("rx", "tx")])
     if st.get("mode") == "tailscale":
         out.metric("tsproxy_peer_path_bytes_total", "counter",
                    "Bytes per peer, direction and path kind (udp = direct, derp = relayed).",

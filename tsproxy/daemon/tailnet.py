@@ -280,6 +280,7 @@ class TailnetPlane:
                 "handshake_age": (now - hs) if hs else None,
                 "handshakes": ps.get("handshakes", 0),
                 "rx_bytes": ps.get("rx_bytes", 0), "tx_bytes": ps.get("tx_bytes", 0),
+                "rx_packets": ps.get("rx_packets", 0), "tx_packets": ps.get("tx_packets", 0),
                 "routes": wg_routes.get(node.key.b64(), []) if node.key else [],
             })
         return out

@@ -98,6 +98,7 @@ class WgPlane:
                 "handshake_age": (now - hs) if hs else None,
                 "handshakes": st.get("handshakes", 0),
                 "rx_bytes": st.get("rx_bytes", 0),
+                "rx_packets": st.get("rx_packets", 0), "tx_packets": st.get("tx_packets", 0),
                 "tx_bytes": st.get("tx_bytes", 0),
             })
         return peers

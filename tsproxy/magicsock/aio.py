@@ -712,6 +712,7 @@ class MagicConn:
                         "last_handshake": d.get("last_handshake"),
                         "handshakes": d.get("handshakes", 0),
                         "rx_bytes": d.get("rx_bytes", 0), "tx_bytes": d.get("tx_bytes", 0),
+                        "rx_packets": d.get("rx_packets", 0), "tx_packets": d.get("tx_packets", 0),
                         "rx_udp_bytes": ep.rx_udp, "rx_derp_bytes": ep.rx_derp,
                         "tx_udp_bytes": ep.tx_udp, "tx_derp_bytes": ep.tx_derp,
                         "endpoints": [f"{h}:{p}" for h, p in ep.paths.candidates]})

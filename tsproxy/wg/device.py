@@ -189,6 +189,7 @@ class WgDevice:
             return
         self._outbound.append((_pack_data_hdr(4, kp.remote_index, counter) + ct, peer.endpoint))
         peer.tx_bytes += len(ct) + 16
+        peer.tx_packets += 1
         peer.on_any_sent(now)
         if packet:
             self.counters["tx_data"] += 1
@@ -236,6 +237,7 @@ class WgDevice:
         peer.retransmit_at = now + REKEY_TIMEOUT + peer.rekey_timeout_jitter
         self._outbound.append((msg, peer.endpoint))
         peer.tx_bytes += len(msg)
+        peer.tx_packets += 1
         peer.on_any_sent(now)
         self.counters["handshake_initiated"] += 1
 
@@ -290,6 +292,7 @@ class WgDevice:
             return
         peer.endpoint = addr                         # roaming: authenticated source wins
         peer.rx_bytes += len(data)
+        peer.rx_packets += 1
         if kp is peer.next:
             self._forget(peer.confirm_next(kp))
             if peer.staged and peer.handshake is None:
@@ -385,6 +388,8 @@ class WgDevice:
         self._outbound.append((resp, addr))
         peer.tx_bytes += len(resp)
         peer.rx_bytes += len(msg)
+        peer.tx_packets += 1
+        peer.rx_packets += 1
         peer.on_any_sent(now)
         self._handshake_done(peer, now)
 
@@ -411,6 +416,7 @@ class WgDevice:
         peer.retransmit_at = None
         peer.endpoint = addr
         peer.rx_bytes += len(msg)
+        peer.rx_packets += 1
         self._forget(peer.install_initiator_keypair(kp))
         peer.on_any_authenticated_received(now)
         self._handshake_done(peer, now)
@@ -506,6 +512,8 @@ class WgDevice:
                 "handshakes": peer.handshakes_completed,
                 "rx_bytes": peer.rx_bytes,
                 "tx_bytes": peer.tx_bytes,
+                "rx_packets": peer.rx_packets,
+                "tx_packets": peer.tx_packets,
                 "allowed_ips": [str(n) for n in self.allowed.entries(peer)],
                 "staged": len(peer.staged),
             })

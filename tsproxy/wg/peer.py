@@ -86,6 +86,8 @@ class Peer:
         self.last_handshake_wall: float | None = None
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.rx_packets = 0            # authenticated datagrams (data, keepalive, handshake)
+        self.tx_packets = 0
         self.handshakes_completed = 0
 
     # -- keypairs -------------------------------------------------------------------------
