@@ -226,3 +226,32 @@ def test_garbage_heads_get_an_answer_or_a_clean_close(srv, garbage, tail):
     if data:
         assert data.startswith(b"HTTP/1.1 "), data[:80]
         assert data[9:12].isdigit()
+
+
+def test_tls_front_door_connection_close_reads_to_eof():
+    """The HTTPS listener feeds the same handler: Connection: close ends the TLS stream too."""
+    from tsproxy.testing.tlsca import TestCA
+
+    ca = TestCA()
+
+    async def go():
+        server = TestControlServer("127.0.0.1", derp_map={"Regions": {}}, tls=ca)
+        await server.start()
+        try:
+            host, port = _addr(server)
+            r, w = await asyncio.open_connection(host, port, ssl=ca.client_context(),
+                                                 server_hostname=host)
+            w.write(req() + req(headers=[("Connection", "close")]))
+            async with asyncio.timeout(READ_TIMEOUT):
+                data = await r.read()          # to EOF
+                while more := await r.read():
+                    data += more
+            w.close()
+            return server, data
+        finally:
+            await server.stop()
+
+    server, data = asyncio.run(go())
+    r = parse_responses(data, ["GET", "GET"])
+    assert [x[2] for x in r] == [key_body(server)] * 2
+    assert r[1][1]["connection"] == "close"

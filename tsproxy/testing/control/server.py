@@ -12,6 +12,9 @@ HTTP/1.1 on the listener:
     GET  /register/<id>    the AuthURL page of an interactive login; POST it to approve
     GET  /generate_204     204 (Go's captive-portal probe, pointed here by TS_NETCHECK_GENERATE_204_URL)
     GET  /debug/nodes      JSON of the registry (for people poking at a running server)
+Framing by RFC 9112 (control/http1.py): persistent connections and pipelined requests answered
+in order, `Connection: close` (and HTTP/1.0 without keep-alive) answered then closed, bodies by
+Content-Length or chunked, bad framing answered 4xx/5xx and closed.  HEAD works wherever GET does.
 
 TLS: with `tls=TestCA()` the listener on `port` speaks HTTPS (certificate signed by that CA for
 the host; HTTP/1.1 with the same TS2021 upgrade inside TLS) and `url` is https://; a second,
