@@ -12,6 +12,9 @@ HTTP/1.1 on the listener:
     GET  /register/<id>    the AuthURL page of an interactive login; POST it to approve
     GET  /generate_204     204 (Go's captive-portal probe, pointed here by TS_NETCHECK_GENERATE_204_URL)
     GET  /debug/nodes      JSON of the registry (for people poking at a running server)
+Framing by RFC 9112 (control/http1.py): persistent connections and pipelined requests answered
+in order, `Connection: close` (and HTTP/1.0 without keep-alive) answered then closed, bodies by
+Content-Length or chunked, bad framing answered 4xx/5xx and closed.  HEAD works wherever GET does.
 
 TLS: with `tls=TestCA()` the listener on `port` speaks HTTPS (certificate signed by that CA for
 the host; HTTP/1.1 with the same TS2021 upgrade inside TLS) and `url` is https://; a second,
@@ -53,6 +56,7 @@ from tsproxy.control.noiseconn import ServerHandshake
 from tsproxy.errors import RemoteProtocolError
 from tsproxy.keys import MachinePrivate
 from tsproxy.noise.ik import Responder
+from tsproxy.testing.control import http1
 from tsproxy.testing.control.mapper import ALLOW_ALL, StreamView
 from tsproxy.testing.control.mapper import format_time as mapper_format_time
 from tsproxy.testing.control.registry import Registry, RegistryError
@@ -437,42 +441,8 @@ class TestControlServer:
         self._conn_tasks.add(task)
         self._conns.add(writer)
         try:
-            buf = b""
-            while True:
-                while (split := wire.split_http_head(buf)) is None:
-                    if len(buf) > MAX_HEAD:
-                        return
-                    data = await reader.read(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, buf = split
-                self.counters["http_requests"] += 1
-                try:
-                    request_line, headers = wire.parse_http_head(head)
-                except RemoteProtocolError:
-                    return
-                parts = request_line.split(" ")
-                if len(parts) != 3:
-                    return
-                method, target, _ = parts
-                path = urlsplit(target).path
-                if path == wire.UPGRADE_PATH:
-                    await self._upgrade(reader, writer, head, buf)
-                    return
-                n = int(headers.get("content-length", "0") or 0)
-                if n > MAX_FORM_BODY:
-                    return
-                while len(buf) < n:
-                    data = await reader.read(65536)
-                    if not data:
-                        return
-                    buf += data
-                body, buf = buf[:n], buf[n:]
-                status, ctype, payload = self._http(method, path, body)
-                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                             f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-                await writer.drain()
+            if await self._serve_http(reader, writer):
+                await _lingering_close(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         except asyncio.CancelledError:
@@ -484,15 +454,56 @@ class TestControlServer:
             self._conn_tasks.discard(task)
             writer.close()
 
+    async def _serve_http(self, reader, writer) -> bool:
+        """Answer requests in order until one asks to close, framing fails or the peer ends;
+        True when a response was the last thing sent (then close lingering, RFC 9112 9.6)."""
+        rr = http1.RequestReader(max_head=MAX_HEAD, max_body=MAX_FORM_BODY)
+
+        async def more() -> bool:
+            data = await reader.read(65536)
+            rr.feed(data)
+            return bool(data)
+
+        while True:
+            try:
+                while (head := rr.next_head()) is None:
+                    if not await more():
+                        return False                  # clean end between requests
+                self.counters["http_requests"] += 1
+                path = urlsplit(head.target).path
+                if path == wire.UPGRADE_PATH:
+                    await self._upgrade(reader, writer, head.raw, rr.take_rest())
+                    return False
+                if head.expects_continue and (head.chunked or head.content_length):
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                while (body := rr.next_body(head)) is None:
+                    if not await more():
+                        return False                  # body cut short: nothing to answer
+            except http1.BadFraming as e:
+                self.counters["http_bad_framing"] = self.counters.get("http_bad_framing", 0) + 1
+                log.debug("test control: bad HTTP request: %s", e)
+                msg = f"{e}\n".encode()
+                writer.write(http1.response(e.status, "text/plain", msg, head_only=False,
+                                            close=True))
+                await writer.drain()
+                return True
+            status, ctype, payload = self._http(head.method, path, body)
+            writer.write(http1.response(status, ctype, payload, head_only=head.method == "HEAD",
+                                        close=head.close_after,
+                                        keep_alive_10=head.version < (1, 1)))
+            await writer.drain()
+            if head.close_after:
+                return True
+
     def _http(self, method: str, path: str, body: bytes) -> tuple[str, str, bytes]:
-        if path == wire.KEY_PATH and method == "GET":
+        if path == wire.KEY_PATH and method in ("GET", "HEAD"):
             return "200 OK", "application/json", wire.build_key_response(self.key.public().raw)
         if path.startswith("/ping/"):
             self._ping_answered(path, method, body, "http")
             return "200 OK", "text/plain", b""
         if path == "/generate_204":
             return "204 No Content", "text/plain", b""
-        if path == "/debug/nodes" and method == "GET":
+        if path == "/debug/nodes" and method in ("GET", "HEAD"):
             nodes = [{"id": n.id, "name": n.name, "hostname": n.hostname, "ipv4": n.ipv4,
                       "ipv6": n.ipv6, "node_key": n.node_key, "disco_key": n.disco_key,
                       "endpoints": n.endpoints, "home_derp": n.home_derp, "online": n.online,
@@ -639,3 +650,18 @@ class TestControlServer:
                 node.streams = 0
                 self.registry.set_online(node, False, self.clock())
                 self.notify()
+
+
+async def _lingering_close(reader, writer, timeout: float = 2.0) -> None:
+    """Half-close, then read and drop what the client still sends for a moment: closing with
+    unread data would reset the connection and could destroy the response in flight."""
+    if not writer.can_write_eof():      # TLS: no half-close; the client may wait for our EOF
+        return
+    writer.write_eof()
+    try:
+        async with asyncio.timeout(timeout):
+            drained = 0
+            while drained < (1 << 20) and (data := await reader.read(65536)):
+                drained += len(data)
+    except (TimeoutError, ConnectionError, OSError):
+        pass
