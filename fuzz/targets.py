@@ -530,8 +530,10 @@ def target_toml(data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
     try:
-        for k, v in options._load_toml(path, True).items():
+        # each setting comes back as (value, "FILE line N: key"), the source errors name
+        for k, (v, source) in options._load_toml(path, True).items():
             assert isinstance(v, (str, bool, list)), (k, v)
+            assert source.startswith(path), (k, source)
     except ConfigError as e:
         assert str(e)
     try:
