@@ -561,9 +561,9 @@ def format_netcheck(rep: dict) -> str:
     names = rep["region_names"]
     lines = ["Report:",
              f"\t* UDP: {'true' if rep['udp'] else 'false'}",
-             f"\t* IPv4: " + (f"yes, {rep['ipv4']}" if rep["ipv4"] else "(no STUN answer)"),
-             f"\t* IPv6: " + (f"yes, {rep['ipv6']}" if rep["ipv6"] else "no"),
-             f"\t* Nearest DERP: " + (f"{rep['preferred_derp']}" + (
+             "\t* IPv4: " + (f"yes, {rep['ipv4']}" if rep["ipv4"] else "(no STUN answer)"),
+             "\t* IPv6: " + (f"yes, {rep['ipv6']}" if rep["ipv6"] else "no"),
+             "\t* Nearest DERP: " + (f"{rep['preferred_derp']}" + (
                  f" ({names[rep['preferred_derp']]})" if names.get(rep['preferred_derp']) else "")
                  if rep["preferred_derp"] is not None else "none answered"),
              f"\t* DERP home now: {rep['home_derp'] or '-'}",

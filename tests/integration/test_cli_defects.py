@@ -2,16 +2,14 @@
 the loopback test tailnet, no root.  Each failed before its fix."""
 
 import os
-import re
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.conftest import REPO, Daemon, free_port
-from tests.tailnet_helpers import eventually, peer_status, start_page_server
+from tests.tailnet_helpers import eventually, peer_status
 from tsproxy.daemon import ipc, options, statedir
 from tsproxy.errors import ConfigError
 
@@ -24,20 +22,6 @@ def tsp(*args, env=None, timeout=60, **kw):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "tsproxy", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env, **kw)
-
-
-@pytest.fixture(scope="module")
-def tailnet():
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host="127.0.0.1") as net:
-        yield net
-
-
-@pytest.fixture(scope="module")
-def web():
-    srv = start_page_server()
-    yield srv.server_address[1]
-    srv.shutdown()
 
 
 @pytest.fixture(scope="module")

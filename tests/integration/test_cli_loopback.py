@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from tests.conftest import REPO, Daemon, free_port
-from tests.tailnet_helpers import eventually, peer_status, start_page_server
+from tests.tailnet_helpers import eventually, peer_status
 
 pytestmark = [pytest.mark.timeout(300)]
 PAGE = "hello from tsp-b\n"
@@ -30,13 +30,6 @@ def cli(*args, **kw):
 
 def cli_text(*args, **kw):
     return cli(*args, text=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def web():
-    srv = start_page_server()
-    yield srv.server_address[1]
-    srv.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +54,6 @@ def echo():
     threading.Thread(target=serve, daemon=True).start()
     yield ls.getsockname()[1]
     ls.close()
-
-
-@pytest.fixture(scope="module")
-def tailnet():
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host="127.0.0.1") as net:
-        yield net
 
 
 def join_args(tailnet, hostname):

@@ -5,7 +5,6 @@ admin, lite updates that fail, PingRequests, 429 with Retry-After."""
 from __future__ import annotations
 
 import http.server
-import os
 import subprocess
 import sys
 import threading
@@ -16,13 +15,6 @@ from tests.conftest import REPO, Daemon, free_port
 from tests.tailnet_helpers import eventually, peer_status
 
 pytestmark = [pytest.mark.timeout(240)]
-
-
-@pytest.fixture(scope="module")
-def tailnet():
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host="127.0.0.1") as net:
-        yield net
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):

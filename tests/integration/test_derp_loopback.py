@@ -1,5 +1,4 @@
 import asyncio
-import ssl
 
 import pytest
 

@@ -11,26 +11,12 @@ import threading
 import pytest
 
 from tests.conftest import Daemon, free_port
-from tests.tailnet_helpers import eventually, peer_status, start_page_server
+from tests.tailnet_helpers import eventually, peer_status
 from tsproxy.daemon import ipc, statedir
 from tsproxy.testing.servers import pattern_sha256
 
 pytestmark = [pytest.mark.timeout(300)]
 MB = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def tailnet():
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host="127.0.0.1") as net:
-        yield net
-
-
-@pytest.fixture(scope="module")
-def web():
-    srv = start_page_server()
-    yield srv.server_address[1]
-    srv.shutdown()
 
 
 @pytest.fixture

@@ -23,27 +23,13 @@ import sys
 import pytest
 
 from tests.conftest import REPO, Daemon, free_port
-from tests.tailnet_helpers import eventually, peer_status, start_page_server
+from tests.tailnet_helpers import eventually, peer_status
 from tsproxy.daemon import ipc, statedir
 from tsproxy.testing.control.mapper import ALLOW_ALL
 
 pytestmark = [pytest.mark.timeout(300)]
 PAGE = "hello from tsp-b\n"
 USER, PASSWORD = "iso-user", "pw-Zq8vJ3kT0pLm"
-
-
-@pytest.fixture(scope="module")
-def web():
-    srv = start_page_server()
-    yield srv.server_address[1]
-    srv.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tailnet():
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host="127.0.0.1") as net:
-        yield net
 
 
 def secret_file(path, text):

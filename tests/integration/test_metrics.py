@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon, free_port
-from tests.tailnet_helpers import eventually, peer_status, start_page_server
+from tests.tailnet_helpers import eventually, peer_status
 from tests.integration.test_tailnet_daemons import socks_get
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -40,20 +40,6 @@ def scrape(port) -> dict:
 
 def value(samples, name, **labels):
     return samples.get((name, tuple(sorted(labels.items()))))
-
-
-@pytest.fixture(scope="module")
-def tailnet():
-    from tsproxy.testing.tailnet import TestTailnet
-    with TestTailnet(host="127.0.0.1") as net:
-        yield net
-
-
-@pytest.fixture(scope="module")
-def web():
-    srv = start_page_server()
-    yield srv.server_address[1]
-    srv.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ front ends run for real; only the WireGuard/netstack layers below are replaced."
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import os
 import socket

@@ -17,18 +17,11 @@ import pytest
 
 from tests.conftest import REPO, Daemon, free_port, stub_resolver
 from tsproxy.daemon import ipc, statedir
-from tests.tailnet_helpers import eventually, peer_status, start_page_server
+from tests.tailnet_helpers import eventually, peer_status
 from tsproxy.testing.servers import pattern_sha256
 
 pytestmark = [pytest.mark.timeout(300)]
 MB = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def web():
-    srv = start_page_server()
-    yield srv.server_address[1]
-    srv.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ server and the DERP relay through HTTP_PROXY/HTTPS_PROXY with credentials, and c
 to a peer over DERP.  The proxy, control and DERP servers run on the root side of the veth."""
 
 import os
-import subprocess
 import sys
 import time
 

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 
 from tsproxy.daemon import exposure, ipc, options, statedir, wgconf
-from tsproxy.daemon.wgplane import resolve_endpoint  # noqa: F401  (moved there; kept importable)
 from tsproxy.errors import ConfigError, TsproxyError
 
 log = logging.getLogger("tsproxy.daemon")
