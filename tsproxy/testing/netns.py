@@ -34,6 +34,25 @@ def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
 
 
+def stop_group(proc, grace: float = 10.0) -> None:
+    """Stop a process started in its own group (start_new_session): SIGTERM to the group, then
+    SIGKILL when it has not exited within `grace` seconds.  By PID, never by name."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
 def have_root() -> bool:
     return os.geteuid() == 0
 
@@ -188,6 +207,7 @@ class Namespace:
                 raise RuntimeError(f"namespace {self.name} has a default route ({out}); refusing")
 
     def stop_processes(self) -> None:
+        """Every process started with spawn(): SIGTERM to each group, SIGKILL after 5 s."""
         for p in self.procs:
             if p.poll() is None:
                 try:

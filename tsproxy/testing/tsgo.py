@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import time
 
-from tsproxy.testing.netns import Namespace
+from tsproxy.testing.netns import Namespace, stop_group
 from tsproxy.testing.peers import find_binary
 
 PROXY_PORT = 8081
@@ -120,16 +119,7 @@ class GoTailscaleNode:
                             timeout=timeout + 5)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(10)
-            except Exception:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_group(self.proc)
 
 
 def block_udp(ns: Namespace) -> None:
