@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--proxy-user", metavar="USER", help="require this proxy user name (SOCKS5 and HTTP)")
     up.add_argument("--proxy-password-file", metavar="PATH", help="file holding the proxy password")
     up.add_argument("--allow-public-without-auth", action="store_true", default=False,
-                    help="allow a proxy listener on a non-loopback address without --proxy-user")
+                    help="allow a proxy listener or forward on a non-loopback address without "
+                         "--proxy-user (forwards never authenticate, so they always need it)")
     up.add_argument("--forward", metavar="[udp:]LPORT:HOST:PORT", action="append", default=[],
                     help="forward 127.0.0.1:LPORT to HOST:PORT through the tunnel (repeatable)")
     up.add_argument("--reverse", metavar="[udp:]TPORT:LOCALHOST:LPORT", action="append", default=[],
