@@ -325,6 +325,11 @@ class ControlClient:
         self.backoff_max = BACKOFF_MAX
 
     # -- public API -----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """A Noise/HTTP2 connection to the control server is open now (between attempts: not)."""
+        return self._conn is not None
+
     def status(self) -> dict:
         node = self.ident.node_key
         return {"state": self.state, "control_url": self.url.url, "last_error": self.last_error,

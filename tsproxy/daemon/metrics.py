@@ -113,7 +113,7 @@ def _frontends(daemon, out: _Out) -> None:
             if isinstance(v, (int, float)):
                 samples.append(({"frontend": kind, "counter": k}, v))
         c = dict(getattr(srv, "counters", {}) or {})
-        open_.append(({"frontend": kind}, len(getattr(srv, "_conns", ()) or ())))
+        open_.append(({"frontend": kind}, getattr(srv, "open_connections", 0)))
         total.append(({"frontend": kind, "target": ""}, c.get("accepted", 0)))
         for reason in ("dial_failed", "auth_failed", "bad_request", "handshake_timeout"):
             if reason in c:
@@ -173,7 +173,7 @@ def readiness(daemon) -> tuple[bool, str]:
     st = t.control.status()
     if st["state"] != "Running":
         return False, f"control {st['state']}" + (f": {st['last_error']}" if st.get("last_error") else "")
-    if getattr(t.control, "_conn", None) is None:      # between attempts: no control connection
+    if not t.control.connected:                        # between attempts: no control connection
         return False, f"control server unreachable ({st.get('last_error') or 'reconnecting'})"
     nm = t.netmap
     expiry = nm.self_node.key_expiry if nm is not None else None

@@ -51,6 +51,11 @@ class ProxyServer:
     def sockets(self):
         return self.server.sockets if self.server else ()
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections being served now."""
+        return len(self._conns)
+
     def address_text(self) -> str:
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
