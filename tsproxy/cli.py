@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept tunnel connections to our address on TPORT and connect them to "
                     "LOCALHOST:LPORT (repeatable)")
     up.add_argument("--non-tailnet", choices=options.NON_TAILNET_POLICIES,
-                    help="destinations outside the tunnel: direct (dial from this host, the default) "
-                    "or refuse (SOCKS 0x02 / HTTP 403)")
+                    help="destinations outside the tunnel without an exit node: direct (dial from "
+                    "this host, the default), refuse (SOCKS 0x02 / HTTP 403), or exit-node (only "
+                    "ever through the selected --exit-node: refused while none is selected)")
     up.add_argument("--exit-node", metavar="NAME|IP",
                     help="send destinations outside the tailnet, and the DNS lookups of names "
                     "outside it, through this peer (it must offer 0.0.0.0/0 and ::/0); if it is "

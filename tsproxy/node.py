@@ -24,7 +24,7 @@ from tsproxy.errors import ConfigError, NetworkUnreachable, NotAllowed, TsproxyE
 
 log = logging.getLogger("tsproxy.node")
 DEFAULT_CONTROL_URL = "https://controlplane.tailscale.com"
-POLICIES = ("refuse", "direct")
+POLICIES = ("refuse", "direct", "exit-node")
 
 
 class Node:
@@ -49,6 +49,8 @@ class Node:
                  wg_config: str | os.PathLike | None = None, non_tailnet: str = "refuse",
                  accept_routes: bool = False, control_ca_file: str | None = None,
                  exit_node: str | None = None, exit_node_allow_lan_access: bool = False):
+        if non_tailnet == "exit-node" and wg_config is not None:
+            raise ConfigError("non_tailnet='exit-node' needs Tailscale mode")
         if non_tailnet not in POLICIES:
             raise ConfigError(f"non_tailnet must be one of {', '.join(POLICIES)}, got {non_tailnet!r}")
         if not isinstance(port, int) or not 0 <= port < 65536:

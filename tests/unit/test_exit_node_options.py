@@ -39,11 +39,18 @@ def test_flags_env_and_config_file(tmp_path):
     ({}, "accept-routes = \"yes\"\n", "accept-routes: expected true or false"),
     ({"wg_config": "x.conf", "exit_node": "tsd"}, None, "cannot be combined"),
     ({"wg_config": "x.conf", "accept_routes": True}, None, "cannot be combined"),
-    ({"non_tailnet": "exit-node"}, None, "--exit-node NAME"),
+    ({"wg_config": "x.conf", "non_tailnet": "exit-node"}, None, "exit-node needs Tailscale mode"),
 ])
 def test_bad_values_name_their_source(tmp_path, flags, toml, msg):
     with pytest.raises(ConfigError, match=msg):
         merge(flags, tmp_path, toml=toml)
+
+
+def test_non_tailnet_exit_node_refuses_until_one_is_selected(tmp_path):
+    from tsproxy.control.routing import RouteTable
+    assert merge({"non_tailnet": "exit-node"}, tmp_path).non_tailnet == "exit-node"
+    d = RouteTable(policy="exit-node", tailnet_ranges=True).decide("203.0.113.1")
+    assert d.kind == "refuse" and "no exit node is selected" in d.reason
 
 
 def test_help_lists_the_new_flags(capsys):

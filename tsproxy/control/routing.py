@@ -360,7 +360,12 @@ class RouteTable:
     def _policy(self, what: str, targets) -> Decision:
         if self.policy == "direct":
             return Decision("direct", tuple(targets))
-        why = ("--non-tailnet is refuse" if self.policy == "refuse" else "no exit node is selected")
+        if self.policy == "refuse":
+            why = "--non-tailnet is refuse"
+        elif self.exit_node is None:
+            why = "no exit node is selected (--non-tailnet exit-node)"
+        else:                     # loopback, or LAN with --exit-node-allow-lan-access
+            why = "--non-tailnet is exit-node (loopback and LAN addresses are not sent to it)"
         return Decision("refuse", reason=f"{what} is not on the tunnel and {why}", error=NOT_ALLOWED,
                         counter="dial_refused_policy")
 

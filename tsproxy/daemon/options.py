@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from tsproxy.errors import ConfigError
 
-NON_TAILNET_POLICIES = ("direct", "refuse")
+NON_TAILNET_POLICIES = ("direct", "refuse", "exit-node")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -173,9 +173,6 @@ def validate(opts: UpOptions) -> None:
         src = source_of(opts, key)       # "--port must be ...", "TSPROXY_PORT: must be ..."
         return ConfigError(f"{src} {msg}" if src.startswith("--") else f"{src}: {msg}")
 
-    if opts.non_tailnet == "exit-node":
-        raise bad("non_tailnet", "is direct or refuse; to send it through an exit node use "
-                                 "--exit-node NAME")
     if opts.non_tailnet not in NON_TAILNET_POLICIES:
         raise bad("non_tailnet", f"must be one of {', '.join(NON_TAILNET_POLICIES)}, not {opts.non_tailnet!r}")
     if opts.log_level.lower() not in LOG_LEVELS:
@@ -208,6 +205,9 @@ def validate(opts: UpOptions) -> None:
                                        "control_ca_file", "exit_node")
                      if getattr(opts, name)] + (["ephemeral"] if opts.ephemeral else []) \
         + (["accept_routes"] if opts.accept_routes else [])
+    if opts.wg_config is not None and opts.non_tailnet == "exit-node":
+        raise ConfigError(f"{source_of(opts, 'non_tailnet')} exit-node needs Tailscale mode; "
+                          "plain WireGuard has no exit nodes (use direct or refuse)")
     if opts.wg_config is not None and tailnet_flags:
         raise ConfigError(f"{source_of(opts, 'wg_config')} (plain WireGuard) cannot be combined with "
                           f"{source_of(opts, tailnet_flags[0])} (Tailscale mode)")
