@@ -52,6 +52,7 @@ class Decision:
     reason: str = ""                  # for refuse: one line for the user
     error: str = ""                   # for refuse: unreachable | not_allowed
     counter: str = ""                 # for refuse: the dialer counter it bumps
+    subject: str = ""                 # for refuse: the host the reason starts with
 
     @property
     def tunnel(self) -> bool:
@@ -296,10 +297,10 @@ class RouteTable:
                 return Decision("tailnet", tuple(self.names[short]), short)
         if self.route_suffix(name):
             return Decision("resolve", via="split-dns")
-        if any(_under(name, s) for s in self.suffixes):
-            return self._no_such(name)
         if self.tunnel_dns:
             return Decision("resolve", via="tunnel")
+        if any(_under(name, s) for s in self.suffixes):
+            return self._no_such(name)
         return self._outside_name(name)
 
     def _outside_name(self, name: str) -> Decision:
@@ -350,7 +351,9 @@ class RouteTable:
         # a wg-quick DNS server: an outside answer is dialed as that address unless the
         # policy dials from the host anyway (the host then resolves the name itself)
         if ips and self.policy != "direct":
-            return self._policy(str(ips[0]), (ips[0],))
+            return self._policy(name, (ips[0],))
+        if any(_under(name, s) for s in self.suffixes):
+            return self._no_such(name)
         return self._outside_name(name)
 
     def _no_such(self, what: str) -> Decision:
@@ -367,7 +370,7 @@ class RouteTable:
         else:                     # loopback, or LAN with --exit-node-allow-lan-access
             why = "--non-tailnet is exit-node (loopback and LAN addresses are not sent to it)"
         return Decision("refuse", reason=f"{what} is not on the tunnel and {why}", error=NOT_ALLOWED,
-                        counter="dial_refused_policy")
+                        counter="dial_refused_policy", subject=what)
 
     def signature(self) -> tuple:
         """What decides where a connection goes; equal signatures route alike."""

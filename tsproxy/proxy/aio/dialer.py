@@ -100,17 +100,21 @@ class Dialer:
                 ips = []
         return table.after_resolve(name, d.via, ips)
 
-    def _refuse(self, d: Decision) -> DialError:
+    def _refuse(self, d: Decision, where: str = "") -> DialError:
         if d.counter:
             self.counters[d.counter] = self.counters.get(d.counter, 0) + 1
-        return (NotAllowed if d.error == NOT_ALLOWED else HostUnreachable)(d.reason)
+        reason = d.reason
+        if where and d.subject and reason.startswith(d.subject):
+            reason = where + reason[len(d.subject):]          # "example.com:443 is not on ..."
+        return (NotAllowed if d.error == NOT_ALLOWED else HostUnreachable)(reason)
 
-    async def route(self, host: str) -> tuple[str, list]:
+    async def route(self, host: str, port: int | None = None) -> tuple[str, list]:
         """-> ("tunnel", [ips]) or ("outside", [host or ip]) to dial from the host; raises the
         DialError of a refusal (tailnet names no node has, the policy, an unusable exit node)."""
         d = await self.decide(host)
         if d.kind == "refuse":
-            raise self._refuse(d)
+            where = "" if port is None else (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            raise self._refuse(d, where)
         if d.tunnel:
             return "tunnel", list(d.targets)
         return "outside", [str(d.targets[0])]
@@ -120,7 +124,7 @@ class Dialer:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"   # IPv6 in brackets
         d = await self.decide(host)
         if d.kind == "refuse":
-            raise self._refuse(d)
+            raise self._refuse(d, where)
         targets = list(d.targets)
         if d.tunnel:
             self.counters["dial_tunnel"] += 1
@@ -177,7 +181,7 @@ class UdpRelay:
         self.dropped = 0
 
     async def sendto(self, data: bytes, host: str, port: int) -> None:
-        kind, targets = await self.dialer.route(host)
+        kind, targets = await self.dialer.route(host, port)
         if kind == "tunnel":
             if self._tunnel is None:
                 self._tunnel = await self.dialer.netstack.open_udp()
