@@ -163,6 +163,29 @@ def test_exit_node_switched_off_at_runtime_fails_clearly(exit_tsp):
         socks_curl(d.proxy_port, f"http://{FAR_NAME}/", timeout=10)), 30, "exit node back")
 
 
+def test_switching_off_resets_a_download_in_flight(exit_tsp, tmp_path):
+    """A connection through the exit node is reset when it stops being used, not left to stall."""
+    d = exit_tsp
+    out = tmp_path / "drip"
+    before = d.counters().get("routing.rerouted_reset", 0)
+    proc = subprocess.Popen(["curl", "-sS", "--max-time", "90", "-o", str(out), "--socks5-hostname",
+                             f"127.0.0.1:{d.proxy_port}", f"http://{FAR_NAME}/drip/4000000/60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        eventually(lambda: out.exists() and out.stat().st_size > 0, 30, "download under way")
+        r = tsproxy_cli(d, "set", "--exit-node", "")
+        assert r.returncode == 0, r.stderr
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode not in (0, 28), (proc.returncode, err)    # reset, not a timeout
+        assert out.stat().st_size < 4000000
+        assert d.counters()["routing.rerouted_reset"] >= before + 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        tsproxy_cli(d, "set", "--exit-node", "tsd")
+
+
 def test_unknown_exit_node_fails_closed(exit_tsp):
     d = exit_tsp
     r = tsproxy_cli(d, "set", "--exit-node", "nosuch")

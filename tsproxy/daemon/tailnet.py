@@ -74,6 +74,12 @@ class SplitDns:
         return await self.routes[best].resolve(name)
 
 
+def _carrier(table: RouteTable, ip) -> tuple | None:
+    """(kind, peer) that carries `ip` under `table`, None if the tunnel does not."""
+    d = table.decide_ip(ip)
+    return (d.kind, d.peer) if d.tunnel else None
+
+
 class TailnetPlane:
     def __init__(self, *, control_url: str, state_dir: str | None, hostname: str,
                  auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
@@ -92,6 +98,7 @@ class TailnetPlane:
         self.table: RouteTable | None = None      # the routing decision the data plane reflects
         self.doh = None                           # the exit node's DNS (dns.aio.DohResolver)
         self._exit_problem: str | None = None     # last logged exit node problem
+        self.counters = {"rerouted_reset": 0}
         self.control = ControlClient(control_url, self.store, hostname=hostname,
                                      auth_key=auth_key, tags=tags, ephemeral=ephemeral,
                                      on_netmap=self._on_netmap, on_auth_url=self._on_auth_url,
@@ -227,8 +234,10 @@ class TailnetPlane:
         if self.doh is None:
             self.doh = DohResolver(self.netstack, self._doh_url)
             self.dialer.resolvers["exit"] = self.doh.resolve
-        self.table = table
+        old, self.table = self.table, table
         self.dialer.set_table(table)
+        if old is not None and old.signature() != table.signature():
+            self._reset_rerouted(old, table)
         ex = table.exit_node
         problem = ex.problem if ex is not None else None
         if ex is not None and problem != self._exit_problem:
@@ -238,6 +247,24 @@ class TailnetPlane:
                 log.info("exit node %s in use%s", ex.name,
                          "" if ex.doh_url else " (it offers no DNS: names outside the tailnet fail)")
         self._exit_problem = problem
+
+    def _reset_rerouted(self, old: RouteTable, new: RouteTable) -> int:
+        """Reset the TCP connections whose destination the new table sends another way (another
+        exit node, none, a subnet no longer accepted): their path is gone, and a reset tells the
+        client at once instead of a stall until TCP gives up."""
+        n = 0
+        for conn, stream in list(getattr(self.netstack, "streams", {}).items()):
+            try:
+                ip = ipaddress.ip_address(bytes(conn.key[0]))
+            except (AttributeError, TypeError, ValueError, IndexError):
+                continue
+            if _carrier(old, ip) != _carrier(new, ip):
+                stream.abort()
+                n += 1
+        if n:
+            self.counters["rerouted_reset"] += n
+            log.info("reset %d connection%s whose route changed", n, "" if n == 1 else "s")
+        return n
 
     def _doh_url(self) -> str:
         ex = self.table.exit_node if self.table is not None else None
@@ -357,4 +384,4 @@ class TailnetPlane:
 
     def counter_sources(self) -> list:
         return [("wg", self.device), ("magicsock", self.magic), ("netstack", self.netstack),
-                ("dialer", self.dialer), ("filter", self.filter)]
+                ("dialer", self.dialer), ("filter", self.filter), ("routing", self)]
