@@ -142,6 +142,34 @@ def test_page_by_address_and_name_through_the_exit_node(exit_tsp):
     assert pac.rstrip().endswith("return P;\n}"), pac
 
 
+def test_udp_through_the_exit_node(exit_tsp):
+    """A UDP forward to the far DNS server: datagrams go through the exit node too."""
+    import socket
+
+    from tsproxy.dns import message
+    d = exit_tsp
+    port = free_port()
+    r = tsproxy_cli(d, "forward", f"udp:{port}:{FAR_IP}:53")
+    assert r.returncode == 0, r.stderr
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+
+            def ask():
+                s.sendto(message.build_query(0x4242, FAR_NAME, message.TYPE_A), ("127.0.0.1", port))
+                try:
+                    return message.parse_response(s.recv(1500))
+                except (TimeoutError, OSError):
+                    return None
+            rid, rcode, _, answers = eventually(ask, 30, "a DNS answer over UDP via tsd")
+        assert rid == 0x4242 and rcode == 0
+        assert [str(a[3]) for a in answers] == [FAR_IP]
+    finally:
+        tsproxy_cli(d, "forward", "--remove", f"udp:{port}")
+    c = d.counters()
+    assert c["dialer.dial_direct"] == 0 and c["dialer.host_resolve"] == 0
+
+
 def test_exit_node_switched_off_at_runtime_fails_clearly(exit_tsp):
     d = exit_tsp
     r = tsproxy_cli(d, "set", "--exit-node", "")
