@@ -112,3 +112,53 @@ def test_doh_request_and_response_framing():
                 b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"):
         with pytest.raises(doh.DohError):
             doh.parse_response(bad)
+
+
+class _FakeStream:
+    def __init__(self, answer):
+        self.answer, self.sent, self.out = answer, bytearray(), None
+
+    def write(self, data):
+        self.sent += data
+
+    def close(self):
+        pass
+
+    async def read(self, n):
+        if self.out is None:
+            head, _, q = bytes(self.sent).partition(b"\r\n\r\n")
+            body = self.answer(q)
+            self.out = (b"HTTP/1.1 200 OK\r\nContent-Type: application/dns-message\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body)) + body
+        out, self.out = self.out, b""
+        return out
+
+
+class _FakeNetstack:
+    def __init__(self, answer):
+        self.answer, self.dialed = answer, []
+
+    async def open_connection(self, host, port, *, timeout):
+        self.dialed.append((host, port))
+        s = _FakeStream(self.answer)
+        return s, s
+
+
+async def test_doh_resolver_asks_the_peer_api_over_the_tunnel():
+    from tsproxy.dns.aio import DohResolver
+    from tsproxy.errors import HostUnreachable
+    from tsproxy.testing.servers import dns_answer
+
+    ns = _FakeNetstack(lambda q: dns_answer(q, {"page.exit.test": ["198.51.100.10", "2001:db8::10"]}))
+    r = DohResolver(ns, lambda: "http://100.64.0.5:41641/dns-query")
+    got = await r.resolve("Page.Exit.Test.")
+    assert sorted(map(str, got)) == ["198.51.100.10", "2001:db8::10"]
+    assert ns.dialed == [("100.64.0.5", 41641)] * 2           # A and AAAA
+    assert await r.resolve("page.exit.test") == got and len(ns.dialed) == 2   # cached
+    assert await r.resolve("nosuch.test") == []                 # NXDOMAIN: no addresses
+    wrong = _FakeNetstack(lambda q: b"\x00\x01" + dns_answer(q, {})[2:])   # another txid
+    with pytest.raises(HostUnreachable, match="answer for another query"):
+        await DohResolver(wrong, lambda: "http://100.64.0.5:1/dns-query",
+                          rng=lambda n: b"\x12\x34").resolve("x.test")
+    with pytest.raises(HostUnreachable, match="no DNS-over-HTTPS endpoint"):
+        await DohResolver(ns, lambda: "").resolve("x.test")
