@@ -67,8 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept tunnel connections to our address on TPORT and connect them to "
                     "LOCALHOST:LPORT (repeatable)")
     up.add_argument("--non-tailnet", choices=options.NON_TAILNET_POLICIES,
-                    help="destinations outside the tunnel: direct (dial from this host, the default) "
-                    "or refuse (SOCKS 0x02 / HTTP 403)")
+                    help="destinations outside the tunnel without an exit node: direct (dial from "
+                    "this host, the default), refuse (SOCKS 0x02 / HTTP 403), or exit-node (only "
+                    "ever through the selected --exit-node: refused while none is selected)")
+    up.add_argument("--exit-node", metavar="NAME|IP",
+                    help="send destinations outside the tailnet, and the DNS lookups of names "
+                    "outside it, through this peer (it must offer 0.0.0.0/0 and ::/0); if it is "
+                    "offline or missing they fail, never go direct. Change it later with "
+                    "'tsproxy set --exit-node'")
+    up.add_argument("--exit-node-allow-lan-access", action="store_true", default=False,
+                    help="with --exit-node: private and link-local addresses (10/8, 172.16/12, "
+                    "192.168/16, 169.254/16, fc00::/7, fe80::/10) follow --non-tailnet instead")
+    up.add_argument("--accept-routes", action="store_true", default=False,
+                    help="use the subnet routes peers advertise (as tailscale up --accept-routes)")
     up.add_argument("--state-dir", metavar="DIR", help="state directory (default $XDG_STATE_HOME/tsproxy)")
     up.add_argument("--config", metavar="FILE", help="TOML config file (default $XDG_CONFIG_HOME/tsproxy/config.toml)")
     up.add_argument("--foreground", action="store_true", default=False, help="run in this terminal")
@@ -85,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
         if name == "status":
             sp.add_argument("--json", action="store_true", help="one JSON document for scripts")
+
+    st = sub.add_parser("set", help="change the running daemon's exit node or routes",
+                        description="Change settings of the running daemon without a restart "
+                        "(Tailscale mode). Only the settings given change.")
+    st.add_argument("--exit-node", metavar="NAME|IP",
+                    help="use this peer as the exit node; \"\" to stop using one")
+    st.add_argument("--exit-node-allow-lan-access", metavar="true|false", type=_bool,
+                    help="leave private and link-local addresses to --non-tailnet")
+    st.add_argument("--accept-routes", metavar="true|false", type=_bool,
+                    help="use the subnet routes peers advertise")
+    st.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    st.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
 
     nc = sub.add_parser("nc", help="connect stdin/stdout to HOST:PORT through the daemon (ssh ProxyCommand)",
                         description="Connect stdin/stdout to HOST:PORT through the running daemon "
@@ -175,6 +198,8 @@ def _dispatch(parser, args) -> int:
         return cmd_logout(args)
     if args.cmd == "nc":
         return cmd_nc(args)
+    if args.cmd == "set":
+        return cmd_set(args, parser.sub.choices["set"])
     if args.cmd == "forward":
         return cmd_forward(args, parser)
     if args.cmd == "ping":
@@ -199,6 +224,15 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"expected a port 1-65535, not {text!r}")
     return int(text)
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("true", "yes", "on", "1"):
+        return True
+    if t in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def _positive_int(text: str) -> int:
@@ -340,6 +374,48 @@ def _last_error(logf: str, start: int) -> str | None:
     return None
 
 
+def cmd_set(args, set_parser) -> int:
+    req = {"op": "set"}
+    if args.exit_node is not None:
+        req["exit_node"] = options.check_exit_node(args.exit_node) if args.exit_node.strip() else ""
+    if args.exit_node_allow_lan_access is not None:
+        req["exit_node_allow_lan_access"] = args.exit_node_allow_lan_access
+    if args.accept_routes is not None:
+        req["accept_routes"] = args.accept_routes
+    if len(req) == 1:
+        set_parser.error("nothing to set; give --exit-node, --exit-node-allow-lan-access or "
+                         "--accept-routes")
+    resp = ipc.call(statedir.socket_path(_state_dir(args)), req)
+    if not resp.get("ok"):
+        return _err(resp.get("error", "the daemon refused the change"))
+    if args.json:
+        print(json.dumps(resp, indent=2, sort_keys=True))
+        return 0
+    print(exit_node_line(resp.get("routing") or {}))
+    ex = (resp.get("routing") or {}).get("exit_node")
+    if ex and not ex.get("usable"):
+        print(f"{PROG}: warning: {ex.get('problem')}; destinations outside the tailnet fail "
+              "until it is usable", file=sys.stderr)
+    return 0
+
+
+def exit_node_text(routing: dict) -> str:
+    """`tsd (100.64.0.5) in use` / `none (outside the tailnet: --non-tailnet refuse)`."""
+    ex = routing.get("exit_node")
+    if not ex:
+        return f"none (outside the tailnet: --non-tailnet {routing.get('policy', '?')})"
+    what = ex.get("name") or ex.get("selected")
+    addr = f" ({', '.join(ex['addresses'])})" if ex.get("addresses") else ""
+    state = "in use" if ex.get("usable") else f"NOT usable: {ex.get('problem')}"
+    lan = ", LAN addresses follow --non-tailnet" if routing.get("allow_lan_access") else ""
+    return f"{what}{addr} {state}{lan}"
+
+
+def exit_node_line(routing: dict) -> str:
+    routes = "accepting subnet routes" if routing.get("accept_routes") else "not accepting subnet routes"
+    return f"exit node: {exit_node_text(routing)}; {routes}"
+
+
 def summary_line(st: dict) -> str:
     parts = [f"tsproxy is up: {', '.join(st.get('addresses', []))}"]
     lst = [entry["address"] for entry in st.get("listeners", [])]
@@ -457,6 +533,11 @@ def format_status(st: dict) -> str:
         if st.get("self"):
             lines.append(f"name:      {st['self']['name']}")
         lines.append(f"DERP home: {st.get('home_derp') or '-'}")
+        routing = st.get("routing") or {}
+        if routing:
+            lines.append(f"exit node: {exit_node_text(routing)}")
+            for sub_ in routing.get("subnets", []):
+                lines.append(f"route:     {sub_}")
         if st.get("auth_url"):
             lines.append(f"login:     {st['auth_url']}")
     lines.append("")

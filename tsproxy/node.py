@@ -24,7 +24,7 @@ from tsproxy.errors import ConfigError, NetworkUnreachable, NotAllowed, TsproxyE
 
 log = logging.getLogger("tsproxy.node")
 DEFAULT_CONTROL_URL = "https://controlplane.tailscale.com"
-POLICIES = ("refuse", "direct")
+POLICIES = ("refuse", "direct", "exit-node")
 
 
 class Node:
@@ -33,7 +33,10 @@ class Node:
     Tailscale mode: control_url, auth_key, hostname, state_dir (None: the identity lives in
     memory and dies with the node), ephemeral, tags, port (the WireGuard/disco UDP port, 0: any),
     accept_routes (take peers' advertised subnet routes, as `tailscale up --accept-routes`),
-    control_ca_file (extra CA certificates trusted for the control server and DERP).
+    control_ca_file (extra CA certificates trusted for the control server and DERP),
+    exit_node (a peer's name or IP: destinations and names outside the tailnet go through it,
+    failing closed when it is unusable; change it with set_exit_node()) and
+    exit_node_allow_lan_access (private/link-local addresses follow non_tailnet instead).
     Plain WireGuard mode: wg_config, a wg-quick file's path or its text.
     non_tailnet: what open_connection() does with a host that is not on the tailnet: "refuse"
     (the default for the library: NotAllowed, nothing is dialed on the host) or "direct" (a
@@ -44,7 +47,10 @@ class Node:
                  hostname: str | None = None, state_dir: str | os.PathLike | None = None,
                  ephemeral: bool = False, tags=(), port: int = 0,
                  wg_config: str | os.PathLike | None = None, non_tailnet: str = "refuse",
-                 accept_routes: bool = False, control_ca_file: str | None = None):
+                 accept_routes: bool = False, control_ca_file: str | None = None,
+                 exit_node: str | None = None, exit_node_allow_lan_access: bool = False):
+        if non_tailnet == "exit-node" and wg_config is not None:
+            raise ConfigError("non_tailnet='exit-node' needs Tailscale mode")
         if non_tailnet not in POLICIES:
             raise ConfigError(f"non_tailnet must be one of {', '.join(POLICIES)}, got {non_tailnet!r}")
         if not isinstance(port, int) or not 0 <= port < 65536:
@@ -54,9 +60,10 @@ class Node:
         self.non_tailnet = non_tailnet
         self.conf = None
         if wg_config is not None:
-            if control_url or auth_key or tags or ephemeral or accept_routes:
+            if control_url or auth_key or tags or ephemeral or accept_routes or exit_node:
                 raise TypeError("wg_config cannot be combined with Tailscale-mode arguments "
-                                "(control_url, auth_key, tags, ephemeral, accept_routes)")
+                                "(control_url, auth_key, tags, ephemeral, accept_routes, "
+                                "exit_node)")
             self.conf = _load_wg_config(wg_config)
         else:
             from tsproxy.control.aio import ControlURL
@@ -69,6 +76,11 @@ class Node:
         self._tags = tuple(tags)
         self._port = port
         self._accept_routes = bool(accept_routes)
+        if exit_node is not None and not isinstance(exit_node, str):
+            raise TypeError("exit_node must be a peer's name or IP address (a str) or None")
+        from tsproxy.daemon.options import check_exit_node
+        self._exit_node = check_exit_node(exit_node, "exit_node") if exit_node and exit_node.strip() else None
+        self._exit_lan = bool(exit_node_allow_lan_access)
         self._ca_file = os.fspath(control_ca_file) if control_ca_file is not None else None
         self.tailnet = None            # TailnetPlane (Tailscale mode)
         self.wgplane = None            # WgPlane (WireGuard mode)
@@ -111,7 +123,9 @@ class Node:
                                     hostname=self.hostname, auth_key=self._auth_key,
                                     ephemeral=self._ephemeral, tags=self._tags,
                                     udp_port=self._port, non_tailnet=self.non_tailnet,
-                                    accept_routes=self._accept_routes, ca_file=self._ca_file)
+                                    accept_routes=self._accept_routes, ca_file=self._ca_file,
+                                    exit_node=self._exit_node,
+                                    exit_node_allow_lan_access=self._exit_lan)
         self.tailnet.on_state = lambda s: self._set_state(self._tailnet_state())
         self.tailnet.on_applied = lambda nm: self._set_state(self._tailnet_state())
         self._start_task = asyncio.create_task(self.tailnet.start(self._stopping), name="node-start")
@@ -357,6 +371,39 @@ class Node:
         self.reverses.append(rev)
         return rev.describe()
 
+    # -- routing ---------------------------------------------------------------------------------
+    @property
+    def exit_node(self) -> str | None:
+        """The selected exit node (as given), or None."""
+        return self.tailnet.exit_node if self.tailnet is not None else self._exit_node
+
+    def set_exit_node(self, exit_node: str | None, *, allow_lan_access: bool | None = None) -> dict:
+        """Select an exit node (a peer's name or IP), or None / "" for none, without a restart;
+        new connections follow at once.  Returns the routing status: the exit node's name,
+        whether it is usable and if not why (an unusable one refuses outside destinations)."""
+        if self.conf is not None:
+            raise ConfigError("plain WireGuard mode has no exit nodes; its routes are the "
+                              ".conf file's AllowedIPs")
+        if exit_node is not None and not isinstance(exit_node, str):
+            raise TypeError("exit_node must be a peer's name or IP address (a str) or None")
+        from tsproxy.daemon.options import check_exit_node
+        value = check_exit_node(exit_node, "exit_node") if exit_node and exit_node.strip() else None
+        self._exit_node = value
+        if allow_lan_access is not None:
+            self._exit_lan = bool(allow_lan_access)
+        if self.tailnet is None:
+            return {"exit_node": {"selected": value} if value else None}
+        return self.tailnet.set_exit_node(value, allow_lan_access)
+
+    def set_accept_routes(self, on: bool) -> dict:
+        """Use (or stop using) peers' advertised subnet routes, without a restart."""
+        if self.conf is not None:
+            raise ConfigError("plain WireGuard mode has no advertised subnet routes")
+        self._accept_routes = bool(on)
+        if self.tailnet is None:
+            return {"accept_routes": self._accept_routes}
+        return self.tailnet.set_accept_routes(on)
+
     # -- introspection ---------------------------------------------------------------------------
     def status(self) -> dict:
         """The data `tsproxy status --json` shows for a daemon."""
@@ -379,7 +426,8 @@ class Node:
                 sources = []
             out = {**common, "mode": "tailscale", "self": t["self"], "control": t["control"],
                    "auth_url": t["auth_url"], "home_derp": t["home_derp"],
-                   "magicsock": t["magicsock"], "peers": t["peers"]}
+                   "magicsock": t["magicsock"], "peers": t["peers"],
+                   "routing": t.get("routing")}
         else:
             plane = self.wgplane
             out = {**common, "mode": "wireguard",

@@ -252,7 +252,7 @@ def test_config_and_env_errors_name_their_source(tmp_path):
     with pytest.raises(ConfigError) as e:
         options.merge({"config": str(cfg)}, environ={})
     assert str(e.value) == (f"{cfg} line 3: non-tailnet: must be one of direct, refuse, "
-                            "not 'sideways'")
+                            "exit-node, not 'sideways'")
     with pytest.raises(ConfigError) as e:
         options.merge({}, environ={"TSPROXY_LISTEN": "nowhere"})
     assert str(e.value).startswith("TSPROXY_LISTEN: listen address 'nowhere'")

@@ -41,20 +41,39 @@ def peer_routes(node, *, exit_node=None, accept_routes: bool = False) -> list:
 
 
 def apply_peer_diff(device, diff: PeerDiff, *, endpoint_for=None, exit_node=None,
-                    accept_routes: bool = False) -> None:
+                    accept_routes: bool = False, routes: dict | None = None) -> None:
     """`endpoint_for(node)` returns the opaque endpoint for a peer (magicsock's per-peer
-    object); None leaves it to be learned from authenticated packets."""
+    object); None leaves it to be learned from authenticated packets.  `routes` (node key ->
+    prefixes, from control.routing.assign_routes) overrides the per-node peer_routes rule, so
+    subnets two peers claim are given to one of them only."""
+    def allowed(node):
+        if routes is not None:
+            return routes.get(node.key, [])
+        return peer_routes(node, exit_node=exit_node, accept_routes=accept_routes)
+
     for key in diff.removed:
         device.remove_peer(key)
     for node in diff.added:
-        device.add_peer(node.key, allowed_ips=peer_routes(node, exit_node=exit_node,
-                                                          accept_routes=accept_routes),
+        device.add_peer(node.key, allowed_ips=allowed(node),
                         endpoint=endpoint_for(node) if endpoint_for else None)
     for node in diff.changed:
         ep = endpoint_for(node) if endpoint_for else None
-        device.update_peer(node.key, allowed_ips=peer_routes(node, exit_node=exit_node,
-                                                             accept_routes=accept_routes),
-                           endpoint=ep)
+        device.update_peer(node.key, allowed_ips=allowed(node), endpoint=ep)
+
+
+def apply_routes(device, routes: dict) -> int:
+    """Give every device peer the prefixes `routes` (node key -> prefixes) names, where they
+    differ from what it has: a new exit node selection or --accept-routes takes effect without
+    waiting for a netmap that changes the peer.  Returns how many peers changed."""
+    current = {p["public_key"]: p["allowed_ips"] for p in device.peer_status()}
+    changed = 0
+    for key, prefixes in routes.items():
+        if key not in device.peers:
+            continue
+        if sorted(current.get(key.b64(), [])) != sorted(str(p) for p in prefixes):
+            device.update_peer(key, allowed_ips=list(prefixes))
+            changed += 1
+    return changed
 
 
 def tailnet_prefixes(nm: NetMap, *, exit_node=None, accept_routes: bool = False) -> list:

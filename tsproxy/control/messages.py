@@ -193,6 +193,7 @@ class Node:
     expired: bool = False
     is_wireguard_only: bool = False
     cap: int = 0
+    peerapi_ports: dict = field(default_factory=dict)   # Hostinfo.Services peerapi4/6 -> port
 
     def short_name(self, suffix: str) -> str:
         name = self.name.rstrip(".")
@@ -222,6 +223,11 @@ def parse_node(obj) -> Node:
             cap_map.setdefault(c, None)
     hostinfo = obj.get("Hostinfo")
     hostname = _str(hostinfo.get("Hostname")) if isinstance(hostinfo, dict) else ""
+    peerapi = {}
+    for svc in (hostinfo.get("Services") if isinstance(hostinfo, dict) else None) or ():
+        if (isinstance(svc, dict) and svc.get("Proto") in ("peerapi4", "peerapi6")
+                and isinstance(svc.get("Port"), int) and 0 < svc["Port"] < 65536):
+            peerapi[svc["Proto"]] = svc["Port"]
     return Node(
         id=nid,
         stable_id=_str(obj.get("StableID")),
@@ -245,6 +251,7 @@ def parse_node(obj) -> Node:
         expired=bool(_bool(obj.get("Expired"))),
         is_wireguard_only=bool(_bool(obj.get("IsWireGuardOnly"))),
         cap=_int(obj.get("Cap")),
+        peerapi_ports=peerapi,
     )
 
 

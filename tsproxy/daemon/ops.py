@@ -122,7 +122,9 @@ async def forward_warning(daemon, spec) -> str | None:
     if kind == "tunnel":
         return None
     policy = getattr(daemon.dialer, "policy", "direct")
-    then = ("dialed from this host" if policy == "direct" else "refused")
+    table = getattr(daemon.dialer, "table", None)
+    exit_on = getattr(table, "exit_node", None) is not None
+    then = ("dialed from this host" if policy == "direct" and not exit_on else "refused")
     return (f"{spec.host} is not a name on the tunnel now; connections to "
             f"{spec.host}:{spec.port} will be {then} until it is")
 

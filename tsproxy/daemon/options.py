@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from tsproxy.errors import ConfigError
 
-NON_TAILNET_POLICIES = ("direct", "refuse")
+NON_TAILNET_POLICIES = ("direct", "refuse", "exit-node")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -43,6 +43,9 @@ class UpOptions:
     forward: list[str] = field(default_factory=list)
     reverse: list[str] = field(default_factory=list)
     non_tailnet: str = "direct"
+    exit_node: str | None = None            # NAME|IP of a peer offering 0.0.0.0/0 and ::/0
+    exit_node_allow_lan_access: bool = False
+    accept_routes: bool = False
     foreground: bool = False
     log_level: str = "info"
     log_format: str = "text"
@@ -54,7 +57,8 @@ class UpOptions:
 
 
 LIST_KEYS = {"socks5", "http_proxy", "forward", "reverse", "advertise_tags"}
-BOOL_KEYS = {"allow_public_without_auth", "foreground", "ephemeral"}
+BOOL_KEYS = {"allow_public_without_auth", "foreground", "ephemeral", "exit_node_allow_lan_access",
+             "accept_routes"}
 FILE_ONLY_EXCLUDED = {"config", "foreground"}
 
 
@@ -169,8 +173,6 @@ def validate(opts: UpOptions) -> None:
         src = source_of(opts, key)       # "--port must be ...", "TSPROXY_PORT: must be ..."
         return ConfigError(f"{src} {msg}" if src.startswith("--") else f"{src}: {msg}")
 
-    if opts.non_tailnet == "exit-node":
-        raise bad("non_tailnet", "tsproxy cannot select an exit node yet; use direct or refuse")
     if opts.non_tailnet not in NON_TAILNET_POLICIES:
         raise bad("non_tailnet", f"must be one of {', '.join(NON_TAILNET_POLICIES)}, not {opts.non_tailnet!r}")
     if opts.log_level.lower() not in LOG_LEVELS:
@@ -195,9 +197,17 @@ def validate(opts: UpOptions) -> None:
                 raise bad(key, str(e)) from None
     if (opts.proxy_user is None) != (opts.proxy_password_file is None):
         raise ConfigError("--proxy-user and --proxy-password-file go together")
+    if opts.exit_node is not None:
+        opts.exit_node = opts.exit_node.strip() or None      # "" = none (as `tsproxy set`)
+    if opts.exit_node is not None:
+        check_exit_node(opts.exit_node, source_of(opts, "exit_node"))
     tailnet_flags = [name for name in ("login_server", "auth_key", "hostname", "advertise_tags",
-                                       "control_ca_file")
-                     if getattr(opts, name)] + (["ephemeral"] if opts.ephemeral else [])
+                                       "control_ca_file", "exit_node")
+                     if getattr(opts, name)] + (["ephemeral"] if opts.ephemeral else []) \
+        + (["accept_routes"] if opts.accept_routes else [])
+    if opts.wg_config is not None and opts.non_tailnet == "exit-node":
+        raise ConfigError(f"{source_of(opts, 'non_tailnet')} exit-node needs Tailscale mode; "
+                          "plain WireGuard has no exit nodes (use direct or refuse)")
     if opts.wg_config is not None and tailnet_flags:
         raise ConfigError(f"{source_of(opts, 'wg_config')} (plain WireGuard) cannot be combined with "
                           f"{source_of(opts, tailnet_flags[0])} (Tailscale mode)")
@@ -211,6 +221,15 @@ def validate(opts: UpOptions) -> None:
     if opts.port is not None and (not (str(opts.port).isascii() and str(opts.port).isdigit())
                                   or not 0 <= int(opts.port) <= 65535):
         raise bad("port", f"must be 0..65535, not {opts.port!r}")
+
+
+def check_exit_node(value: str, source: str = "--exit-node") -> str:
+    """NAME, FQDN, IP address or StableID of a peer; the netmap decides whether it exists."""
+    import re
+    v = value.strip()
+    if len(v) > 253 or not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", v):
+        raise ConfigError(f"{source} {value!r} is not a node name or IP address")
+    return v
 
 
 def check_forward(spec, allow_public: bool, source: str = "forward",

@@ -166,8 +166,9 @@ class Daemon:
                                     hostname=self.plan.hostname, auth_key=self.plan.auth_key,
                                     ephemeral=opts.ephemeral, tags=opts.advertise_tags,
                                     udp_port=int(opts.port or 0), non_tailnet=opts.non_tailnet,
-                                    accept_routes=bool(getattr(opts, "accept_routes", False)),
-                                    ca_file=opts.control_ca_file)
+                                    accept_routes=opts.accept_routes,
+                                    ca_file=opts.control_ca_file, exit_node=opts.exit_node,
+                                    exit_node_allow_lan_access=opts.exit_node_allow_lan_access)
         try:
             self.ipc = ipc.IpcServer(statedir.socket_path(self.plan.state_dir), self._handle_ipc)
             await self.ipc.start()
@@ -251,20 +252,15 @@ class Daemon:
             if self.tailnet.netmap is not None:
                 self._refresh_pac(self.tailnet.netmap)
             return pac
-        nets = []
-        for peer in self.conf.peers:
-            nets += [n for n in peer.allowed_ips if n.prefixlen > 0]
-        return PacConfig(suffixes=list(self.conf.interface.dns_search), networks=nets)
+        return PacConfig.from_table(self.wgplane.dialer.table)
 
     def _refresh_pac(self, nm) -> None:
-        """Peers come and go: the PAC file follows the netmap (names, suffix, prefixes)."""
-        from tsproxy.control.dataplane import tailnet_prefixes
+        """Peers come and go and the exit node changes: the PAC file follows the tailnet's
+        RouteTable (names, suffixes, split-DNS routes, prefixes, exit node)."""
         from tsproxy.proxy.pac import PacConfig
-        fresh = PacConfig(suffixes=[nm.magicdns_suffix] if nm.magicdns_suffix else [],
-                          networks=tailnet_prefixes(nm),
-                          names=sorted(n for n in nm.names if "." not in n))
+        fresh = PacConfig.from_table(self.tailnet.table or self.tailnet._table(nm))
         for pac in self._pacs:
-            pac.suffixes, pac.networks, pac.names = fresh.suffixes, fresh.networks, fresh.names
+            pac.update(fresh)
 
     async def _start_or_explain(self, srv, where: str) -> None:
         try:
@@ -328,6 +324,8 @@ class Daemon:
             return {"ok": True}
         if op == "dial":
             return await self._ipc_dial(req, reader, writer)
+        if op == "set":
+            return self._ipc_set(req)
         if op == "debug.tcp":
             return {"ok": True, "connections": self._tcp_debug()}
         if op == "forward.list":
@@ -351,6 +349,33 @@ class Daemon:
         if op in ops.HANDLERS:
             return await ops.HANDLERS[op](self, req)
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def _ipc_set(self, req: dict) -> dict:
+        """`tsproxy set`: exit node, LAN access and subnet routes, changed without a restart."""
+        if self.tailnet is None:
+            return {"ok": False, "error": "plain WireGuard mode has no exit nodes or subnet routes; "
+                                          "its routes are the .conf file's AllowedIPs"}
+        known = {"op", "exit_node", "exit_node_allow_lan_access", "accept_routes"}
+        unknown = sorted(set(req) - known)
+        if unknown:
+            return {"ok": False, "error": f"set: unknown setting {unknown[0]!r}"}
+        for key in ("exit_node_allow_lan_access", "accept_routes"):
+            if key in req and not isinstance(req[key], bool):
+                return {"ok": False, "error": f"set: {key} must be true or false"}
+        if "exit_node" in req:
+            if not isinstance(req["exit_node"], str):
+                return {"ok": False, "error": "set: exit_node must be a name, an IP or \"\""}
+            if req["exit_node"].strip():
+                options.check_exit_node(req["exit_node"])
+        if "accept_routes" in req:
+            self.tailnet.accept_routes = req["accept_routes"]
+        if "exit_node" in req or "exit_node_allow_lan_access" in req:
+            routing = self.tailnet.set_exit_node(
+                req["exit_node"] if "exit_node" in req else self.tailnet.exit_node,
+                req.get("exit_node_allow_lan_access"))
+        else:
+            routing = self.tailnet.set_accept_routes(self.tailnet.accept_routes)
+        return {"ok": True, "routing": routing}
 
     async def _ipc_dial(self, req, reader, writer):
         from tsproxy.proxy.aio.relay import relay
@@ -405,7 +430,7 @@ class Daemon:
             "uptime": time.time() - self.started,
             "addresses": self.tailnet.addresses(),
             "self": t["self"], "control": t["control"], "auth_url": t["auth_url"],
-            "home_derp": t["home_derp"], "magicsock": t["magicsock"],
+            "home_derp": t["home_derp"], "magicsock": t["magicsock"], "routing": t["routing"],
             "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
             "metrics": self.metrics.address_text() if self.metrics else None,
             "forwards": [fw.describe() for fw in self.forwards.values()],

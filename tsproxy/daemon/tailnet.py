@@ -4,7 +4,8 @@ with the netmap.
     ControlClient ──netmaps──► apply ──► WgDevice peers (node keys, AllowedIPs)
          ▲                        ├────► MagicConn (DERP map, peers' disco keys and endpoints)
          └─ endpoints, home DERP ─┤────► Stack addresses, InboundFilter (packet filter)
-                                  └────► Dialer (MagicDNS names, tailnet prefixes)
+                                  └────► RouteTable (control/routing.py: names, suffixes,
+                                         split DNS, prefixes, exit node) -> Dialer, PAC, status
 
     Dialer ─► NetstackRuntime ─► InboundFilter.note_outbound ─► MagicConn ─► UDP / DERP
     NetstackRuntime ◄─ InboundFilter.filter ◄─ MagicConn ◄────────────────────┘
@@ -21,7 +22,8 @@ import logging
 import time
 
 from tsproxy.control.aio import AuthKeyRejected, ControlClient
-from tsproxy.control.dataplane import apply_peer_diff, tailnet_prefixes
+from tsproxy.control.dataplane import apply_peer_diff, apply_routes
+from tsproxy.control.routing import RouteTable, assign_routes, find_exit_node
 from tsproxy.control.netmap import diff_peers
 from tsproxy.daemon.state import StateStore
 from tsproxy.errors import TsproxyError
@@ -72,19 +74,31 @@ class SplitDns:
         return await self.routes[best].resolve(name)
 
 
+def _carrier(table: RouteTable, ip) -> tuple | None:
+    """(kind, peer) that carries `ip` under `table`, None if the tunnel does not."""
+    d = table.decide_ip(ip)
+    return (d.kind, d.peer) if d.tunnel else None
+
+
 class TailnetPlane:
     def __init__(self, *, control_url: str, state_dir: str | None, hostname: str,
                  auth_key: str | None, ephemeral: bool, tags=(), udp_port: int = 0,
                  non_tailnet: str = "direct", accept_routes: bool = False,
-                 ca_file: str | None = None):
+                 ca_file: str | None = None, exit_node: str | None = None,
+                 exit_node_allow_lan_access: bool = False):
         from tsproxy.tlsconfig.aio import Trust
         self.trust = Trust(ca_file)       # control and DERP: system roots (+ --control-ca-file)
         self.store = StateStore(state_dir, ephemeral=ephemeral)
         self.udp_port = udp_port
         self.non_tailnet = non_tailnet
-        # which peers' /0 and subnet routes we take (dataplane.peer_routes); none by default
-        self.exit_node: str | None = None
+        # which peers' /0 and subnet routes we take (routing.assign_routes); none by default
+        self.exit_node: str | None = exit_node or None
+        self.exit_node_allow_lan_access = exit_node_allow_lan_access
         self.accept_routes = accept_routes
+        self.table: RouteTable | None = None      # the routing decision the data plane reflects
+        self.doh = None                           # the exit node's DNS (dns.aio.DohResolver)
+        self._exit_problem: str | None = None     # last logged exit node problem
+        self.counters = {"rerouted_reset": 0}
         self.control = ControlClient(control_url, self.store, hostname=hostname,
                                      auth_key=auth_key, tags=tags, ephemeral=ephemeral,
                                      on_netmap=self._on_netmap, on_auth_url=self._on_auth_url,
@@ -200,7 +214,94 @@ class TailnetPlane:
                              tailnet_ranges=True)
 
     def _prefixes(self, nm) -> list:
-        return tailnet_prefixes(nm, exit_node=self.exit_node, accept_routes=self.accept_routes)
+        return self._table(nm).networks()
+
+    def _table(self, nm) -> RouteTable:
+        return RouteTable.from_netmap(
+            nm, exit_node=find_exit_node(nm, self.exit_node), accept_routes=self.accept_routes,
+            allow_lan=self.exit_node_allow_lan_access, policy=self.non_tailnet,
+            split_dns=list(self.split_dns.routes) if self.split_dns is not None else ())
+
+    def _apply_routing(self, nm, diff=None) -> None:
+        """Netmap + selection -> one RouteTable for the dialer, and the same routes in WireGuard
+        (a changed selection re-routes every peer at once, without a new netmap)."""
+        from tsproxy.dns.aio import DohResolver
+        table = self._table(nm)
+        routes = assign_routes(nm, exit_node=table.exit_node, accept_routes=self.accept_routes)
+        if diff is not None:
+            apply_peer_diff(self.device, diff, endpoint_for=self.magic.endpoint_for, routes=routes)
+        apply_routes(self.device, routes)
+        if self.doh is None:
+            self.doh = DohResolver(self.netstack, self._doh_url)
+            self.dialer.resolvers["exit"] = self.doh.resolve
+        old, self.table = self.table, table
+        self.dialer.set_table(table)
+        if old is not None and old.signature() != table.signature():
+            self._reset_rerouted(old, table)
+        ex = table.exit_node
+        problem = ex.problem if ex is not None else None
+        if ex is not None and problem != self._exit_problem:
+            if problem:
+                log.warning("%s: destinations outside the tailnet are refused", problem)
+            else:
+                log.info("exit node %s in use%s", ex.name,
+                         "" if ex.doh_url else " (it offers no DNS: names outside the tailnet fail)")
+        self._exit_problem = problem
+
+    def _reset_rerouted(self, old: RouteTable, new: RouteTable) -> int:
+        """Reset the TCP connections whose destination the new table sends another way (another
+        exit node, none, a subnet no longer accepted): their path is gone, and a reset tells the
+        client at once instead of a stall until TCP gives up."""
+        n = 0
+        for conn, stream in list(getattr(self.netstack, "streams", {}).items()):
+            try:
+                ip = ipaddress.ip_address(bytes(conn.key[0]))
+            except (AttributeError, TypeError, ValueError, IndexError):
+                continue
+            if _carrier(old, ip) != _carrier(new, ip):
+                stream.abort()
+                n += 1
+        if n:
+            self.counters["rerouted_reset"] += n
+            log.info("reset %d connection%s whose route changed", n, "" if n == 1 else "s")
+        return n
+
+    def _doh_url(self) -> str:
+        ex = self.table.exit_node if self.table is not None else None
+        return ex.doh_url if ex is not None and ex.problem is None else ""
+
+    def set_exit_node(self, selected: str | None, allow_lan_access: bool | None = None) -> dict:
+        """Select (or with "" / None clear) the exit node at runtime; takes effect for new
+        connections at once.  Returns the exit node status (selected, usable, problem)."""
+        before, self.exit_node = self.exit_node, (selected or "").strip() or None
+        if allow_lan_access is not None:
+            self.exit_node_allow_lan_access = bool(allow_lan_access)
+        if before and not self.exit_node:
+            log.info("exit node %s no longer used: destinations outside the tailnet follow "
+                     "--non-tailnet %s", before, self.non_tailnet)
+        self._exit_problem = None
+        return self._reroute()
+
+    def set_accept_routes(self, on: bool) -> dict:
+        self.accept_routes = bool(on)
+        return self._reroute()
+
+    def _reroute(self) -> dict:
+        if self.netmap is not None and self.device is not None:
+            self._apply_routing(self.netmap)
+            if self.on_applied is not None:
+                self.on_applied(self.netmap)
+        return self.routing_status()
+
+    def routing_status(self) -> dict:
+        if self.table is not None:
+            st = self.table.status()
+        else:
+            ex = find_exit_node(None, self.exit_node)
+            st = {"policy": self.non_tailnet, "exit_node": ex.status() if ex else None,
+                  "allow_lan_access": self.exit_node_allow_lan_access, "subnets": []}
+        st["accept_routes"] = self.accept_routes
+        return st
 
     def _from_tunnel(self, packets: list) -> None:
         self.netstack.deliver(self.filter.filter(packets))
@@ -228,15 +329,9 @@ class TailnetPlane:
         self.magic.set_only_tcp_443(nm.only_tcp_443)
         self.magic.set_derp_map(nm.derp_map)
         self.magic.set_peers(list(nm.wireguard_peers().values()))
-        apply_peer_diff(self.device, diff_peers(self.netmap, nm),
-                        endpoint_for=self.magic.endpoint_for, exit_node=self.exit_node,
-                        accept_routes=self.accept_routes)
         self.filter.set_match(nm.packet_filter.match)
-        self.dialer.set_names(nm.names)
         self.split_dns.update(nm.dns.routes)
-        self.dialer.route_domains = list(self.split_dns.routes)
-        self.dialer.prefixes = self._prefixes(nm)
-        self.dialer.dns_suffixes = [nm.magicdns_suffix] if nm.magicdns_suffix else []
+        self._apply_routing(nm, diff_peers(self.netmap, nm))
         self.netmap = nm
         if self.on_applied is not None:
             self.on_applied(nm)
@@ -250,7 +345,7 @@ class TailnetPlane:
         out = {"control": {"url": ctl["control_url"], "state": ctl["state"],
                            "last_error": ctl["last_error"], "failures": ctl["failures"]},
                "auth_url": self.control.auth_url or None, "self": None, "peers": [],
-               "home_derp": None, "magicsock": None}
+               "home_derp": None, "magicsock": None, "routing": self.routing_status()}
         nm = self.netmap
         if nm is None:
             return out
@@ -282,9 +377,11 @@ class TailnetPlane:
                 "rx_bytes": ps.get("rx_bytes", 0), "tx_bytes": ps.get("tx_bytes", 0),
                 "rx_packets": ps.get("rx_packets", 0), "tx_packets": ps.get("tx_packets", 0),
                 "routes": wg_routes.get(node.key.b64(), []) if node.key else [],
+                "primary_routes": [str(a) for a in node.primary_routes],
+                "exit_node_option": any(a.prefixlen == 0 for a in node.allowed_ips),
             })
         return out
 
     def counter_sources(self) -> list:
         return [("wg", self.device), ("magicsock", self.magic), ("netstack", self.netstack),
-                ("dialer", self.dialer), ("filter", self.filter)]
+                ("dialer", self.dialer), ("filter", self.filter), ("routing", self)]

@@ -100,3 +100,82 @@ class TunnelResolver:
                 finally:
                     ep.close()
         raise HostUnreachable(f"cannot resolve {name}: {last or 'no answer'}")
+
+
+class DohResolver:
+    """A and AAAA for a name through a peer API's DNS-over-HTTP endpoint (an exit node's),
+    reached over the netstack; `url()` gives the current endpoint ("" for none).  Answers
+    are cached for their TTL (bounded) per endpoint."""
+
+    def __init__(self, netstack, url, *, rng=os.urandom, timeout: float = 5.0):
+        self.netstack = netstack
+        self.url = url
+        self.rng = rng
+        self.timeout = timeout
+        self._cache: dict[tuple, tuple[float, list]] = {}
+        self.counters = {"doh_queries": 0, "doh_failed": 0}
+
+    async def resolve(self, name: str) -> list:
+        from tsproxy.dns import doh
+        name = name.rstrip(".").lower()
+        url = self.url()
+        if not url:
+            raise HostUnreachable("no DNS-over-HTTPS endpoint")
+        hit = self._cache.get((url, name))
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        host, port, path = doh.split_url(url)
+        res = await asyncio.gather(*(self._query(host, port, path, name, t)
+                                     for t in (message.TYPE_A, message.TYPE_AAAA)),
+                                   return_exceptions=True)
+        addrs, ttl, errors = [], 300, []
+        for r in res:
+            if isinstance(r, BaseException):
+                if not isinstance(r, Exception):
+                    raise r
+                errors.append(r)
+                continue
+            addrs += r[0]
+            ttl = min(ttl, r[1])
+        if len(errors) == len(res):
+            self.counters["doh_failed"] += 1
+            raise HostUnreachable(f"{url}: {errors[0]}")
+        if addrs:
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[(url, name)] = (time.monotonic() + max(5, min(ttl, 300)), addrs)
+        return addrs
+
+    async def _query(self, host: str, port: int, path: str, name: str, qtype: int):
+        from tsproxy.dns import doh
+        from tsproxy.errors import DialError, RemoteProtocolError
+        txid = int.from_bytes(self.rng(2), "big")
+        self.counters["doh_queries"] += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await self.netstack.open_connection(host, port, timeout=self.timeout)
+                try:
+                    writer.write(doh.build_request(host, port, path,
+                                                   message.build_query(txid, name, qtype)))
+                    raw = b""
+                    while len(raw) <= doh.MAX_RESPONSE:
+                        chunk = await reader.read(65536)
+                        if not chunk:
+                            break
+                        raw += chunk
+                finally:
+                    writer.close()
+        except TimeoutError:
+            raise HostUnreachable(f"no answer within {self.timeout:g} s") from None
+        except (DialError, ConnectionError) as e:
+            raise HostUnreachable(str(e) or type(e).__name__) from None
+        try:
+            body = doh.parse_response(raw)
+            rid, rcode, _q, answers = message.parse_response(body)
+        except RemoteProtocolError as e:
+            raise HostUnreachable(str(e)) from None
+        if rid != txid:
+            raise HostUnreachable("answer for another query")
+        if rcode not in (message.RCODE_NOERROR, message.RCODE_NXDOMAIN):
+            raise HostUnreachable(f"DNS rcode {rcode}")
+        return message.addresses_for(answers, name), min((a[2] for a in answers), default=60)

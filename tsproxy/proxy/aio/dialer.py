@@ -1,16 +1,14 @@
 """The dialer every front end shares: where does HOST:PORT go?
 
-    tunnel IP literal (inside a peer's AllowedIPs / the tailnet)   -> netstack
-    a name the netmap knows (MagicDNS short name or FQDN)          -> netstack
-    a name the tunnel's DNS server resolves to a tunnel address   -> netstack
-    a name under the tailnet's domains (MagicDNS suffix, split-DNS
-      routes) that no node / route resolver answers                -> HostUnreachable
-    an address in the tailnet's ranges (Tailscale mode: CGNAT and
-      the Tailscale ULA) that no node holds                        -> HostUnreachable
-    anything else                                                 -> --non-tailnet policy:
-        direct (dial from the host, like tailscaled), exit-node, or refuse
+control.routing.RouteTable decides (tailnet peer, subnet via a peer, the exit node, resolve
+a name first, dial from the host, or refuse with the reason); this module carries it out:
+tunnel decisions dial through the netstack, `resolve` asks the named resolver (split-DNS route
+resolvers, a wg-quick DNS server, the exit node's DNS-over-HTTPS) and decides again on the
+answer, `direct` dials from the host, `refuse` raises.
 
-Names and addresses of the tailnet never reach the host's resolver or the host's routes.
+Names and addresses of the tailnet never reach the host's resolver or the host's routes, and
+with an exit node selected nothing outside the tailnet does either (unless
+--exit-node-allow-lan-access leaves LAN addresses to the --non-tailnet policy).
 `host_resolve` counts names handed to the host's resolver, `dial_direct` host dials.
 
 Failures are tsproxy.errors.DialError subclasses so every front end can map them to its own
@@ -25,15 +23,12 @@ import ipaddress
 import logging
 import socket
 
+from tsproxy.control.routing import NOT_ALLOWED, TAILNET_RANGES, Decision, RouteTable
 from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, HostUnreachable,
                             NetworkUnreachable, NotAllowed)
 
 log = logging.getLogger(__name__)
-
-# Tailscale assigns node addresses from these; an address inside that no node holds is a
-# missing tailnet host, never something to route through the host (Tailscale mode only: a
-# wg-quick network may use 100.64.x outside its tunnel).
-TAILNET_RANGES = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fd7a:115c:a1e0::/48"))
+__all__ = ["Dialer", "UdpRelay", "TAILNET_RANGES"]
 
 
 def _os_error(e: OSError, where: str) -> DialError:
@@ -54,87 +49,87 @@ class Dialer:
     def __init__(self, netstack, *, names: dict | None = None, tunnel_prefixes=(),
                  resolver=None, policy: str = "direct", connect_timeout: float = 10.0,
                  dns_suffixes=(), route_domains=(), tailnet_ranges: bool = False):
+        """The keyword arguments build the first RouteTable (plain WireGuard mode and tests);
+        Tailscale mode replaces it with set_table() on each netmap.  `resolver` is an async
+        name -> [ip] over the tunnel (split-DNS routes, or a wg-quick DNS server)."""
         self.netstack = netstack
-        self.names: dict[str, list] = {}
-        self.set_names(names or {})
-        self.prefixes = [ipaddress.ip_network(p) for p in tunnel_prefixes]
-        self.resolver = resolver            # async name -> [ip] over the tunnel, or None
-        self.policy = policy
         self.connect_timeout = connect_timeout
-        self.dns_suffixes = [s.lower().strip(".") for s in dns_suffixes]
-        self.route_domains = [s.lower().strip(".") for s in route_domains]   # split-DNS routes
-        self.tailnet_ranges = TAILNET_RANGES if tailnet_ranges else ()
+        # via -> async name -> [ip]; "split-dns" and "tunnel" share the one given here
+        self.resolvers: dict = {"split-dns": resolver, "tunnel": resolver}
+        self.table = RouteTable(prefixes=tunnel_prefixes, names=names, suffixes=dns_suffixes,
+                                split_dns=route_domains, policy=policy,
+                                tailnet_ranges=tailnet_ranges,
+                                tunnel_dns=resolver is not None and not tailnet_ranges)
         self.counters = {"dial_tunnel": 0, "dial_direct": 0, "dial_refused_policy": 0, "dial_failed": 0,
-                         "dial_no_such_node": 0, "host_resolve": 0}
+                         "dial_no_such_node": 0, "host_resolve": 0, "dial_subnet": 0, "dial_exit": 0,
+                         "dial_exit_unavailable": 0, "exit_dns_lookups": 0}
+        self.route_epoch = 0
+
+    def set_table(self, table: RouteTable) -> None:
+        """Use `table` for new connections; route_epoch moves when the routes differ (another
+        exit node, subnets accepted or not), so pooled upstream connections are not reused."""
+        if table.signature() != self.table.signature():
+            self.route_epoch += 1
+        self.table = table
+
+    @property
+    def policy(self) -> str:
+        return self.table.policy
 
     def in_tunnel(self, ip) -> bool:
-        ip = ipaddress.ip_address(ip)
-        return any(ip.version == n.version and ip in n for n in self.prefixes)
+        return self.table.in_tunnel(ip)
 
-    def _in_ranges(self, ip) -> bool:
-        return any(ip.version == n.version and ip in n for n in self.tailnet_ranges)
-
-    def _tailnet_domain(self, name: str, domains) -> str | None:
-        for d in domains:
-            if d and (name == d or name.endswith("." + d)):
-                return d
-        return None
-
-    def _no_such(self, what: str) -> HostUnreachable:
-        self.counters["dial_no_such_node"] += 1
-        return HostUnreachable(f"{what}: no such node on the tailnet")
-
-    def set_names(self, names: dict) -> None:
-        # values may be strings or ip_address objects; routing needs the objects
-        self.names = {k.lower().rstrip("."): [ipaddress.ip_address(str(a)) for a in v]
-                      for k, v in names.items()}
-
-    async def route(self, host: str) -> tuple[str, list]:
-        """-> ("tunnel", [ips]) or ("outside", [host]) for the policy to handle; raises
-        HostUnreachable for tailnet names and addresses that no node has."""
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            ip = None
-        if ip is not None:
-            if self.in_tunnel(ip):
-                return "tunnel", [ip]
-            if self._in_ranges(ip):
-                raise self._no_such(str(ip))
-            return "outside", [str(ip)]
+    async def decide(self, host: str) -> Decision:
+        """The table's decision for `host`, names resolved as it says; never a refusal."""
+        table = self.table
+        d = table.decide(host)
+        if d.kind != "resolve":
+            return d
         name = host.lower().rstrip(".")
-        if name in self.names:
-            return "tunnel", list(self.names[name])
-        for suffix in self.dns_suffixes:
-            if name.endswith("." + suffix) and name[: -len(suffix) - 1] in self.names:
-                return "tunnel", list(self.names[name[: -len(suffix) - 1]])
-        routed = self._tailnet_domain(name, self.route_domains)
-        if self.resolver is not None:
+        resolve = self.resolvers.get(d.via)
+        ips: list = []
+        if resolve is not None:
+            if d.via == "exit":
+                self.counters["exit_dns_lookups"] += 1
             try:
-                ips = [ipaddress.ip_address(a) for a in await self.resolver(name)]
-            except HostUnreachable:
+                ips = list(await resolve(name))
+            except HostUnreachable as e:
+                if d.via == "exit":        # fail closed: never fall back to the host's resolver
+                    self.counters["dial_failed"] += 1
+                    raise HostUnreachable(f"cannot resolve {name} through exit node {d.peer}: {e}") from None
                 ips = []
-            tun = [a for a in ips if self.in_tunnel(a)]
-            if tun:
-                return "tunnel", tun
-            if any(self._in_ranges(a) for a in ips):
-                raise self._no_such(name)
-            if ips and (self.policy != "direct" or routed):
-                # the tunnel's resolver answered: dial that address, never re-ask the host
-                return "outside", [str(ips[0])]
-        if routed:
-            self.counters["dial_no_such_node"] += 1
-            raise HostUnreachable(f"{name}: the split-DNS resolvers for {routed} have no address for it")
-        if self._tailnet_domain(name, self.dns_suffixes):
-            raise self._no_such(name)
-        return "outside", [host]
+        return table.after_resolve(name, d.via, ips)
+
+    def _refuse(self, d: Decision, where: str = "") -> DialError:
+        if d.counter:
+            self.counters[d.counter] = self.counters.get(d.counter, 0) + 1
+        reason = d.reason
+        if where and d.subject and reason.startswith(d.subject):
+            reason = where + reason[len(d.subject):]          # "example.com:443 is not on ..."
+        return (NotAllowed if d.error == NOT_ALLOWED else HostUnreachable)(reason)
+
+    async def route(self, host: str, port: int | None = None) -> tuple[str, list]:
+        """-> ("tunnel", [ips]) or ("outside", [host or ip]) to dial from the host; raises the
+        DialError of a refusal (tailnet names no node has, the policy, an unusable exit node)."""
+        d = await self.decide(host)
+        if d.kind == "refuse":
+            where = "" if port is None else (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            raise self._refuse(d, where)
+        if d.tunnel:
+            return "tunnel", list(d.targets)
+        return "outside", [str(d.targets[0])]
 
     async def open_connection(self, host: str, port: int, *, timeout: float | None = None):
         timeout = self.connect_timeout if timeout is None else timeout
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"   # IPv6 in brackets
-        kind, targets = await self.route(host)
-        if kind == "tunnel":
+        d = await self.decide(host)
+        if d.kind == "refuse":
+            raise self._refuse(d, where)
+        targets = list(d.targets)
+        if d.tunnel:
             self.counters["dial_tunnel"] += 1
+            if d.kind != "tailnet":
+                self.counters["dial_" + d.kind] += 1
             last: DialError | None = None
             # IPv4 first: the tunnel peers of wg-quick setups nearly always have it
             for ip in sorted(targets, key=lambda a: a.version):
@@ -144,15 +139,9 @@ class Dialer:
                     last = e
             self.counters["dial_failed"] += 1
             raise last or HostUnreachable(f"{where}: no address")
-        return await self._outside(targets[0], port, timeout, where)
+        return await self._direct(str(targets[0]), port, timeout, where)
 
-    async def _outside(self, host: str, port: int, timeout: float, where: str):
-        if self.policy == "refuse":
-            self.counters["dial_refused_policy"] += 1
-            raise NotAllowed(f"{where} is not on the tunnel and --non-tailnet is refuse")
-        if self.policy == "exit-node":
-            self.counters["dial_refused_policy"] += 1
-            raise NotAllowed(f"{where} is not on the tunnel and no exit node is selected")
+    async def _direct(self, host: str, port: int, timeout: float, where: str):
         self.counters["dial_direct"] += 1
         if not _is_literal(host):
             self.counters["host_resolve"] += 1
@@ -180,7 +169,8 @@ def _is_literal(host: str) -> bool:
 
 class UdpRelay:
     """Datagrams to HOST:PORT through the tunnel (SOCKS5 UDP ASSOCIATE, UDP forwards).
-    Outside destinations follow the policy: direct uses a host socket, others refuse."""
+    Outside destinations go as the RouteTable says: the tunnel (exit node), a host socket
+    (direct), or a refusal."""
 
     def __init__(self, dialer: Dialer):
         self.dialer = dialer
@@ -191,7 +181,7 @@ class UdpRelay:
         self.dropped = 0
 
     async def sendto(self, data: bytes, host: str, port: int) -> None:
-        kind, targets = await self.dialer.route(host)
+        kind, targets = await self.dialer.route(host, port)
         if kind == "tunnel":
             if self._tunnel is None:
                 self._tunnel = await self.dialer.netstack.open_udp()
@@ -199,9 +189,6 @@ class UdpRelay:
             ip = sorted(targets, key=lambda a: a.version)[0]
             self._tunnel.sendto(data, (str(ip), port))
             return
-        if self.dialer.policy != "direct":
-            self.dialer.counters["dial_refused_policy"] += 1
-            raise NotAllowed(f"{host}:{port} is not on the tunnel and --non-tailnet is {self.dialer.policy}")
         loop = asyncio.get_running_loop()
         target = targets[0]
         if not _is_literal(target):

@@ -28,13 +28,15 @@ class UpstreamPool:
         self._count = 0
         self.counters = {"reused": 0, "opened": 0, "expired": 0}
 
-    def take(self, key):
+    def take(self, key, epoch: int = 0):
+        """`epoch` is the dialer's route_epoch: a connection pooled under other routes (another
+        exit node, routes no longer accepted) is not reused, it may lead nowhere now."""
         now = asyncio.get_running_loop().time()
         conns = self._idle.get(key)
         while conns:
-            ur, uw, ubuf, since = conns.pop()
+            ur, uw, ubuf, since, e = conns.pop()
             self._count -= 1
-            if ur.at_eof() or uw.is_closing() or ubuf or now - since > self.idle:
+            if ur.at_eof() or uw.is_closing() or ubuf or now - since > self.idle or e != epoch:
                 self.counters["expired"] += 1
                 uw.close()
                 continue
@@ -42,17 +44,17 @@ class UpstreamPool:
             return ur, uw, ubuf
         return None
 
-    def put(self, key, ur, uw, ubuf) -> None:
+    def put(self, key, ur, uw, ubuf, epoch: int = 0) -> None:
         conns = self._idle.setdefault(key, [])
         if len(conns) >= self.per_host or self._count >= self.total or ubuf:
             uw.close()
             return
-        conns.append((ur, uw, ubuf, asyncio.get_running_loop().time()))
+        conns.append((ur, uw, ubuf, asyncio.get_running_loop().time(), epoch))
         self._count += 1
 
     def close(self) -> None:
         for conns in self._idle.values():
-            for _, uw, _, _ in conns:
+            for _, uw, _, _, _ in conns:
                 uw.close()
         self._idle.clear()
         self._count = 0
@@ -243,7 +245,7 @@ async def _connect(srv, head, buf, reader, writer) -> None:
 async def _forward(srv, head, host, port, path, buf, reader, writer) -> bool:
     """One absolute-URI request over a pooled or new upstream -> keep the client connection?"""
     key = (host.lower(), port)
-    pooled = srv.http_pool.take(key)
+    pooled = srv.http_pool.take(key, getattr(srv.dialer, "route_epoch", 0))
     if pooled is None:
         try:
             ur, uw = await srv.dialer.open_connection(host, port)
@@ -335,7 +337,7 @@ async def _exchange(srv, head, host, port, path, buf, reader, writer, key, ur, u
             up_keep = False
     await writer.drain()
     if up_keep:
-        srv.http_pool.put(key, ur, uw, ubuf)
+        srv.http_pool.put(key, ur, uw, ubuf, getattr(srv.dialer, "route_epoch", 0))
     return client_keep, up_keep
 
 
