@@ -193,6 +193,12 @@ class Node:
     expired: bool = False
     is_wireguard_only: bool = False
     cap: int = 0
+    services: list = field(default_factory=list)    # Hostinfo.Services: [(proto, port)]
+
+    def peerapi_port(self, ipv6: bool = False) -> int:
+        """The port of its peer API (Hostinfo service peerapi4 / peerapi6), 0 if none."""
+        want = "peerapi6" if ipv6 else "peerapi4"
+        return next((port for proto, port in self.services if proto == want), 0)
 
     def short_name(self, suffix: str) -> str:
         name = self.name.rstrip(".")
@@ -222,6 +228,7 @@ def parse_node(obj) -> Node:
             cap_map.setdefault(c, None)
     hostinfo = obj.get("Hostinfo")
     hostname = _str(hostinfo.get("Hostname")) if isinstance(hostinfo, dict) else ""
+    services = _services(hostinfo.get("Services")) if isinstance(hostinfo, dict) else []
     return Node(
         id=nid,
         stable_id=_str(obj.get("StableID")),
@@ -245,7 +252,20 @@ def parse_node(obj) -> Node:
         expired=bool(_bool(obj.get("Expired"))),
         is_wireguard_only=bool(_bool(obj.get("IsWireGuardOnly"))),
         cap=_int(obj.get("Cap")),
+        services=services,
     )
+
+
+def _services(v) -> list:
+    """Hostinfo.Services -> [(proto, port)]; malformed entries are skipped (informational,
+    never a reason to drop the peer)."""
+    out = []
+    for sv in v if isinstance(v, list) else ():
+        if isinstance(sv, dict) and isinstance(sv.get("Proto"), str) \
+                and isinstance(sv.get("Port"), int) and not isinstance(sv.get("Port"), bool) \
+                and 0 <= sv["Port"] <= 0xFFFF:
+            out.append((sv["Proto"], sv["Port"]))
+    return out
 
 
 @dataclass

@@ -23,7 +23,8 @@ plain-HTTP request on the TLS port gets 400 "Client sent an HTTP request to an H
 (as from Go's net/http; control/tls_listener.py) and is closed.
 
 Test hooks: approve(), expire_node(), delete_node(), set_routes(), set_exit_node(),
-set_node_attr(),
+approve_routes(), auto_approve_routes (attribute), primary_routes(), set_node_attr(),
+set_capabilities(),
 set_packet_filter(), set_dns(),
 set_derp_map(), drop_streams(), restart() (same key and state, every connection dropped),
 inject_raw() (send arbitrary bytes on a node's map stream), send_ping() (PingRequest; answers
@@ -349,9 +350,42 @@ class TestControlServer:
         self.registry.set_routes(node_id, routes)
         self.notify()
 
-    def set_node_attr(self, node_id: int, attr: str, value=None, on: bool = True) -> None:
-        """Add (or remove) a node attribute in the node's own CapMap, e.g. "only-tcp-443"."""
-        attrs = self.registry.nodes[node_id].attrs
+    def approve_routes(self, node_id: int, prefixes) -> None:
+        """An admin approves these prefixes for the node; the ones it advertises in
+        Hostinfo.RoutableIPs take effect (0.0.0.0/0 or ::/0: the exit node, both)."""
+        self.registry.approve_routes(node_id, prefixes)
+        self.notify()
+
+    @property
+    def auto_approve_routes(self):
+        """False, True (every advertised route) or a list of prefixes covering the approved."""
+        return self.registry.auto_approve_routes
+
+    @auto_approve_routes.setter
+    def auto_approve_routes(self, rule) -> None:
+        self.registry.auto_approve_routes = rule
+        for n in self.registry.nodes.values():
+            self.registry._auto_approve(n)
+        self.registry._changed()
+        self.notify()
+
+    def primary_routes(self) -> dict[str, int]:
+        """Subnet -> node id of its primary router."""
+        return dict(self.registry.primaries)
+
+    def set_capabilities(self, node_id: int, caps) -> None:
+        """The node's legacy `Capabilities` list (clients fold it into CapMap)."""
+        self.registry.nodes[node_id].capabilities = [str(c) for c in caps]
+        self.registry._changed()
+        self.notify()
+
+    def set_node_attr(self, node_id: int, attr: str, value=None, on: bool = True, *,
+                      peers: bool = False) -> None:
+        """Add (or remove) a node attribute in the node's own CapMap, e.g. "only-tcp-443";
+        with peers=True in the CapMap its peers see on it instead.  value: None or a list of
+        JSON values (CapMap's []RawMessage)."""
+        n = self.registry.nodes[node_id]
+        attrs = n.peer_caps if peers else n.attrs
         if on:
             attrs[attr] = value
         else:
