@@ -167,3 +167,34 @@ def test_both_ways_over_the_direct_path(tsd, tsp, go_ns):
     after = peer_status(tsp, "tsd-io")
     assert after["path"].startswith("direct"), after
     assert after["rx_bytes"] - before["rx_bytes"] >= BIG        # the file came over this path
+
+
+def test_tailscaled_advertises_routes_our_control_approves_and_tsproxy_sees(tsd, tsp, tailnet):
+    """The control server's route handling against the real client: Hostinfo.RoutableIPs
+    arrives, nothing happens until approval, then the subnet is tailscaled's primary route
+    and the /0s make it an exit node in tsproxy's netmap; Hostinfo services (peer API ports)
+    pass through."""
+    subnet = "198.51.100.0/24"
+    r = tsd.cli("set", f"--advertise-routes={subnet}", "--advertise-exit-node")
+    assert r.returncode == 0, r.stderr
+    n = tailnet.wait(lambda: (n := tailnet.control.node("tsd-io")) and
+                     set(n.advertised()) >= {subnet, "0.0.0.0/0", "::/0"} and n, 30,
+                     "RoutableIPs from tailscaled")
+    p = peer_status(tsp, "tsd-io")
+    assert subnet not in p["allowed_ips"] and "0.0.0.0/0" not in p["allowed_ips"], p
+    services = {s.get("Proto"): s.get("Port") for s in n.hostinfo.get("Services") or ()}
+    assert services.get("peerapi4"), n.hostinfo.get("Services")   # for DoH via an exit node
+    tailnet.call(tailnet.control.approve_routes, n.id, [subnet, "0.0.0.0/0"])
+    p = eventually(lambda: (p := peer_status(tsp, "tsd-io")) and subnet in p["allowed_ips"]
+                   and "::/0" in p["allowed_ips"] and p, 30, "approved routes in our netmap")
+    assert "0.0.0.0/0" in p["allowed_ips"]
+    assert tailnet.call(tailnet.control.primary_routes) == {subnet: n.id}
+    eventually(lambda: subnet in (tsd_status(tsd)["Self"].get("PrimaryRoutes") or []), 30,
+               "tailscaled sees itself as the primary router")
+    # without --accept-routes / --exit-node, tsproxy's WireGuard peer keeps only its addresses
+    assert sorted(p["routes"]) == sorted([f"{n.ipv4}/32", f"{n.ipv6}/128"]), p
+    r = tsd.cli("set", "--advertise-routes=", "--advertise-exit-node=false")
+    assert r.returncode == 0, r.stderr
+    eventually(lambda: (p := peer_status(tsp, "tsd-io")) and subnet not in p["allowed_ips"]
+               and "0.0.0.0/0" not in p["allowed_ips"], 30, "withdrawn routes leave")
+    assert tailnet.call(tailnet.control.primary_routes) == {}

@@ -287,4 +287,4 @@ class TailnetPlane:
 
     def counter_sources(self) -> list:
         return [("wg", self.device), ("magicsock", self.magic), ("netstack", self.netstack),
-                ("dialer", self.dialer), ("filter", self.filter)]
+                ("dialer", self.dialer), ("filter", self.filter), ("control", self.control)]

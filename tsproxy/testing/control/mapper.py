@@ -22,6 +22,8 @@ ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "L
 _PATCH_FIELDS = {"Endpoints": "Endpoints", "HomeDERP": "DERPRegion", "DiscoKey": "DiscoKey",
                  "Key": "Key", "KeyExpiry": "KeyExpiry", "Cap": "Cap"}
 _ONLINE_FIELDS = {"Online", "LastSeen"}
+# Headscale patches endpoints and home DERP only; a new disco key or key is a full node
+_HS_PATCH_FIELDS = {"Endpoints", "HomeDERP", "DERP"}
 
 
 def format_time(t: float | None) -> str:
@@ -53,6 +55,9 @@ def node_json(n: NodeRecord, reg: Registry | None = None, *, self_view: bool = F
         out["PrimaryRoutes"] = primary
     if n.capabilities:
         out["Capabilities"] = list(n.capabilities)
+    hs = reg is not None and reg.headscale
+    if hs and n.home_derp:
+        out["DERP"] = f"127.3.3.40:{n.home_derp}"        # Headscale 0.25-0.28 send both forms
     if not self_view:
         out["Online"] = n.online
         if not n.online and n.last_seen is not None:
@@ -60,7 +65,10 @@ def node_json(n: NodeRecord, reg: Registry | None = None, *, self_view: bool = F
         if n.peer_caps:
             out["CapMap"] = dict(n.peer_caps)
     else:
-        out["CapMap"] = {"https://tailscale.com/cap/is-admin": None, **n.attrs}
+        base = {"https://tailscale.com/cap/is-admin": None}
+        if hs:
+            base["https://tailscale.com/cap/ssh"] = None
+        out["CapMap"] = {**base, **n.attrs}
     return out
 
 
@@ -77,7 +85,8 @@ class StreamView:
         self.sent_full = False
 
     def _peer_jsons(self, reg: Registry) -> dict[int, dict]:
-        return {nid: node_json(n, reg) for nid, n in sorted(reg.nodes.items()) if nid != self.node_id}
+        return {nid: node_json(n, reg) for nid, n in sorted(reg.nodes.items())
+                if nid != self.node_id}
 
     def full(self, reg: Registry, *, derp_map: dict, packet_filter: list, dns: dict,
              now: float) -> dict:
@@ -125,10 +134,10 @@ class StreamView:
                     online[str(nid)] = bool(pj.get("Online"))
                 if "LastSeen" in diff:
                     seen[str(nid)] = "LastSeen" in pj
-            elif diff <= set(_PATCH_FIELDS):
+            elif diff <= (_HS_PATCH_FIELDS if reg.headscale else set(_PATCH_FIELDS)):
                 patch = {"NodeID": nid}
-                for k in diff:
-                    patch[_PATCH_FIELDS[k]] = pj[k]
+                for k in diff & set(_PATCH_FIELDS):       # (the legacy DERP string rides
+                    patch[_PATCH_FIELDS[k]] = pj[k]       # along with DERPRegion)
                 patches.append(patch)
             else:
                 changed.append(pj)

@@ -154,6 +154,9 @@ class Registry:
         # an expired node may move to a new key with OldNodeKey alone (Go testcontrol); False:
         # it must log in again (an admin's expiry stands until someone re-authenticates it)
         self.renew_expired = True
+        self.honour_old_node_key = True         # False: OldNodeKey never read (Headscale 0.26+)
+        self.request_ephemeral = True           # False: only the auth key makes a node ephemeral
+        self.headscale = False                  # Headscale's netmap shapes (mapper.py)
         # False, True (approve every advertised route) or a list of prefixes: an advertised
         # route inside one is approved (Headscale autoApprovers; "0.0.0.0/0" covers exit nodes)
         self.auto_approve_routes: bool | list = False
@@ -270,7 +273,7 @@ class Registry:
 
         old = req.get("OldNodeKey")
         old_node = self.by_node_key(old) if isinstance(old, str) else None
-        if old_node is not None and old_node.machine == machine and (
+        if old_node is not None and old_node.machine == machine and self.honour_old_node_key and (
                 self.renew_expired or not old_node.expired(now)):   # key rotation / renewal
             old_node.node_key = node_key
             old_node.key_expiry = None
@@ -297,7 +300,8 @@ class Registry:
                 return RegisterResult({"Error": "authkey already used"}, auth_failure=True)
             ak.used = True
             node = self._add_node(node_key, machine, hostinfo, now, user_id=ak.user_id,
-                                  ephemeral=ak.ephemeral or bool(req.get("Ephemeral")),
+                                  ephemeral=ak.ephemeral or (self.request_ephemeral
+                                                             and bool(req.get("Ephemeral"))),
                                   tags=ak.tags)
             return RegisterResult(self._authorized(node))
         return self._interactive(node_key, machine, hostinfo, req, now)
