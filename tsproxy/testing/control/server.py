@@ -692,6 +692,7 @@ class TestControlServer(RouteHooks):
                     await asyncio.wait_for(stream.wake.wait(), timeout)
                 except TimeoutError:
                     await s.send_data(sid, keepalive)
+                    self.counters["keepalives"] = self.counters.get("keepalives", 0) + 1
                     continue
                 stream.wake.clear()
                 if stream.closed:
