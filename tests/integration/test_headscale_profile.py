@@ -33,7 +33,7 @@ BIG = 1 << 20
 async def hs():
     from tsproxy.testing.control import TestControlServer
     srv = TestControlServer("127.0.0.1", profile="headscale")
-    srv.keepalive = 0.2                        # the cadence is checked separately below
+    srv.keepalive, srv.keepalive_jitter = 0.2, 0.1   # Headscale's 50 s + 0-9 s: checked below
     await srv.start()
     yield srv
     await srv.stop()
@@ -149,9 +149,8 @@ async def test_key_endpoint_answers_as_headscale(hs):
 
 async def test_zstd_only_when_asked_and_the_keepalive_cadence(hs, tmp_path):
     from tsproxy.testing.control import TestControlServer
-    assert TestControlServer(profile="headscale").keepalive == 50.0
-    assert hs.keepalive_jitter == 9.0
-    hs.keepalive_jitter = 0.1
+    fresh = TestControlServer(profile="headscale")
+    assert (fresh.keepalive, fresh.keepalive_jitter) == (50.0, 9.0)
     c = _client(hs, tmp_path, "hs-z")
     task = asyncio.create_task(c.run())
     try:

@@ -323,7 +323,9 @@ class TestControlServer(RouteHooks):
             region = hs_profile.embedded_region(host=self.host, port=self.port,
                                                 stun_port=self.embedded_derp.stun_addr[1],
                                                 style=self._embedded_style)
-            self.derp_map = {"Regions": {str(hs_profile.REGION_ID): region}}
+            # added to the regions given (Headscale merges derp.urls/paths with its own)
+            self.derp_map = {**self.derp_map, "Regions": {
+                **self.derp_map.get("Regions", {}), str(hs_profile.REGION_ID): region}}
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_loop())
 
