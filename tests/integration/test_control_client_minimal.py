@@ -68,7 +68,7 @@ class MiniControl:
                     return
                 buf += data
             head, rest = split
-            if head.startswith(b"GET /key?v=130 "):
+            if head.startswith(b"GET /key?v=%d " % msg.CAPABILITY_VERSION):
                 body = wire.build_key_response(self.key.public().raw)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
                 await writer.drain()

@@ -280,7 +280,7 @@ def test_register_and_map_request_shapes():
     body = json.loads(msg.build_register_request(node_key=node_key, old_node_key=None,
                                                  hostinfo=hi, auth_key="tskey-secret",
                                                  ephemeral=True))
-    assert body["Version"] == 130 and body["NodeKey"] == node_key.text()
+    assert body["Version"] == msg.CAPABILITY_VERSION and body["NodeKey"] == node_key.text()
     assert body["OldNodeKey"] == "nodekey:" + "0" * 64
     assert body["Auth"] == {"AuthKey": "tskey-secret"} and body["Ephemeral"] is True
     assert body["Expiry"] == "0001-01-01T00:00:00Z"

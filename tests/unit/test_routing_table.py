@@ -165,7 +165,7 @@ def test_doh_url_prefers_ipv4_and_needs_a_matching_family():
     assert peerapi_doh_url(n, [4]) == ""
     bad = msg.parse_node(node(2, Hostinfo={"Services": [{"Proto": "peerapi4", "Port": "x"},
                                                          "junk", {"Proto": "peerapi4", "Port": 70000}]}))
-    assert bad.peerapi_ports == {}
+    assert (bad.peerapi_port(), bad.peerapi_port(ipv6=True)) == (0, 0)
 
 
 # -- the dialer carries the decisions out --------------------------------------------------------

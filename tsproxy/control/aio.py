@@ -32,7 +32,7 @@ from tsproxy.control import ping as pingmod
 from tsproxy.control import wire
 from tsproxy.control.client import AuthKeyRejected, LoginFlow  # noqa: F401 (re-export)
 from tsproxy.control.client import retry_after_seconds
-from tsproxy.control.netmap import MapSession
+from tsproxy.control.netmap import MapSession, unknown_node_attrs
 from tsproxy.control.noiseconn import ClientHandshake, NoiseConnection
 from tsproxy.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from tsproxy.keys import MachinePublic, NodePrivate
@@ -150,7 +150,8 @@ class NoiseH2:
                       timeout: float = DIAL_TIMEOUT) -> NoiseH2:
         reader, writer = await _open(url, timeout)
         try:
-            hs = ClientHandshake(machine_key, server_key, url.authority)
+            hs = ClientHandshake(machine_key, server_key, url.authority,
+                                 version=msg.CAPABILITY_VERSION)
             writer.write(hs.request)
             async with asyncio.timeout(timeout):
                 conn = None
@@ -319,6 +320,10 @@ class ControlClient:
         self._ping_tasks: set[asyncio.Task] = set()
         self._last_ping_url = ""
         self.pings_answered = 0
+        # what control sent that we do not act on, counted (never an error)
+        self.counters = {"node_attrs_unknown": 0, "c2n_answered": 0, "c2n_not_handled": 0,
+                         "pings_unsupported": 0, "register_rate_limited": 0}
+        self._unknown_attrs: set[str] = set()
         self.watchdog = WATCHDOG
         self._sleep = asyncio.sleep               # tests record the delays
         self.backoff_min = BACKOFF_MIN
@@ -362,6 +367,7 @@ class ControlClient:
                 log.warning("control: %s", self.last_error)
             except RateLimited as e:
                 self.failures += 1
+                self.counters["register_rate_limited"] += 1
                 self.last_error = str(e)
                 log.warning("control: %s", e)
                 self._drop_conn()
@@ -486,9 +492,9 @@ class ControlClient:
         body = msg.build_map_request(node_key=self.ident.node_key.public(),
                                      disco_key=self.ident.disco_key.public(),
                                      hostinfo=self._hostinfo(), endpoints=self._endpoints)
-        resp = await asyncio.wait_for(
-            conn.request("/machine/map", body,
-                         [("ts-lb", self.ident.node_key.public().text())]), self.watchdog)
+        async with asyncio.timeout(self.watchdog):
+            resp = await conn.request("/machine/map", body,
+                                      [("ts-lb", self.ident.node_key.public().text())])
         if resp.status != 200:
             data = await resp.read_all(4096)
             raise RemoteProtocolError(f"map request: http {resp.status}: "
@@ -499,9 +505,11 @@ class ControlClient:
         deadline = loop.time() + self.watchdog       # reset by each complete message
         while True:
             try:
-                chunk = await asyncio.wait_for(resp.read_chunk(),
-                                               max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
+                # lands as the chunk arrives, and a busy stream would then never stop
+                async with asyncio.timeout_at(deadline):
+                    chunk = await resp.read_chunk()
+            except TimeoutError:
                 raise RemoteProtocolError(
                     f"map stream: no message for {self.watchdog:.0f} s (watchdog)") from None
             if not chunk:
@@ -524,6 +532,7 @@ class ControlClient:
                     self._force_regen = True      # next login: new key, OldNodeKey = this one
                     raise RemoteProtocolError("our node key expired; re-registering")
                 self.netmap = nm
+                self._note_attrs(nm.self_node.cap_map)
                 if nm.self_node.machine_authorized:
                     self._set_state("Running")
                 else:
@@ -532,6 +541,13 @@ class ControlClient:
                     self.ident.node_id = nm.self_node.stable_id
                     self._store.save(self.ident)
                 self._on_netmap(nm)
+
+    def _note_attrs(self, cap_map: dict) -> None:
+        for attr in unknown_node_attrs(cap_map):
+            if attr not in self._unknown_attrs and len(self._unknown_attrs) < 1024:
+                self._unknown_attrs.add(attr)
+                self.counters["node_attrs_unknown"] += 1
+                log.info("control: ignoring unknown node attribute %r", attr[:80])
 
     def _on_ping(self, conn: NoiseH2, obj: dict) -> None:
         pr = pingmod.parse_ping_request(obj)
@@ -542,6 +558,7 @@ class ControlClient:
             return
         self._last_ping_url = pr.url
         if pr.kind == "unsupported":
+            self.counters["pings_unsupported"] += 1
             log.info("control: unsupported ping type %r", pr.types[:40])
             return
         task = asyncio.get_running_loop().create_task(self._answer_ping(conn, pr))
@@ -559,18 +576,24 @@ class ControlClient:
         u = urlsplit(pr.url)
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         if pr.kind == "c2n":                          # always over Noise (Go answerPing)
-            reply = pingmod.c2n_response(pr.payload)
-            resp = await asyncio.wait_for(conn.request(
-                path, reply, [("content-type", "application/octet-stream")]),
-                pingmod.C2N_TIMEOUT)
-            await asyncio.wait_for(resp.read_all(1 << 16), pingmod.C2N_TIMEOUT)
+            status, reply = pingmod.c2n_answer(pr.payload, self._health())
+            self.counters["c2n_answered" if status < 400 else "c2n_not_handled"] += 1
+            async with asyncio.timeout(pingmod.C2N_TIMEOUT):
+                resp = await conn.request(path, reply,
+                                          [("content-type", "application/octet-stream")])
+                await resp.read_all(1 << 16)
         elif pr.url_is_noise:
-            resp = await asyncio.wait_for(conn.request(path, b"", method="HEAD"),
-                                          pingmod.HEAD_TIMEOUT)
-            await asyncio.wait_for(resp.read_all(1 << 16), pingmod.HEAD_TIMEOUT)
+            async with asyncio.timeout(pingmod.HEAD_TIMEOUT):
+                resp = await conn.request(path, b"", method="HEAD")
+                await resp.read_all(1 << 16)
         else:
-            await asyncio.wait_for(_http_head(ControlURL(pr.url), path), pingmod.HEAD_TIMEOUT)
+            async with asyncio.timeout(pingmod.HEAD_TIMEOUT):
+                await _http_head(ControlURL(pr.url), path)
         self.pings_answered += 1
+
+    def _health(self) -> dict:
+        """Warnings for c2n /debug/health: the last control error, if any."""
+        return {"control-health": self.last_error} if self.last_error else {}
 
     def _kick_lite(self) -> None:
         """Send our endpoints, disco key and home DERP in a lite update, retried with backoff
@@ -612,8 +635,9 @@ class ControlClient:
                                      disco_key=self.ident.disco_key.public(),
                                      hostinfo=self._hostinfo(), endpoints=self._endpoints,
                                      stream=False)
-        resp = await asyncio.wait_for(conn.request("/machine/map", body), DIAL_TIMEOUT)
-        await asyncio.wait_for(resp.read_all(1 << 20), DIAL_TIMEOUT)
+        async with asyncio.timeout(DIAL_TIMEOUT):
+            resp = await conn.request("/machine/map", body)
+            await resp.read_all(1 << 20)
         if resp.status != 200:
             raise RemoteProtocolError(f"lite map update: http {resp.status}")
 

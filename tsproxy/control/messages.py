@@ -21,7 +21,10 @@ from tsproxy.errors import RemoteProtocolError
 from tsproxy.keys import DiscoPublic, MachinePublic, NodePublic
 from tsproxy.version import __version__
 
-CAPABILITY_VERSION = 130
+# The capability version we advertise (Noise prologue, /key?v=, MapRequest.Version): the
+# highest whose obligations tsproxy meets; docs/protocol-notes.md lists what 130-139 ask and
+# why 140 (honour the GRO/GSO-disabling node attributes) is not claimed yet.
+CAPABILITY_VERSION = 139
 IPN_VERSION = f"{__version__}-tsproxy"           # reads as a version to admin consoles
 ZERO_TIME = "0001-01-01T00:00:00Z"
 LOGOUT_EXPIRY = "1970-01-01T00:02:03Z"          # Unix 123: "expire now" (Go TryLogout)
@@ -193,7 +196,12 @@ class Node:
     expired: bool = False
     is_wireguard_only: bool = False
     cap: int = 0
-    peerapi_ports: dict = field(default_factory=dict)   # Hostinfo.Services peerapi4/6 -> port
+    services: list = field(default_factory=list)    # Hostinfo.Services: [(proto, port)]
+
+    def peerapi_port(self, ipv6: bool = False) -> int:
+        """The port of its peer API (Hostinfo service peerapi4 / peerapi6), 0 if none."""
+        want = "peerapi6" if ipv6 else "peerapi4"
+        return next((port for proto, port in self.services if proto == want), 0)
 
     def short_name(self, suffix: str) -> str:
         name = self.name.rstrip(".")
@@ -223,11 +231,7 @@ def parse_node(obj) -> Node:
             cap_map.setdefault(c, None)
     hostinfo = obj.get("Hostinfo")
     hostname = _str(hostinfo.get("Hostname")) if isinstance(hostinfo, dict) else ""
-    peerapi = {}
-    for svc in (hostinfo.get("Services") if isinstance(hostinfo, dict) else None) or ():
-        if (isinstance(svc, dict) and svc.get("Proto") in ("peerapi4", "peerapi6")
-                and isinstance(svc.get("Port"), int) and 0 < svc["Port"] < 65536):
-            peerapi[svc["Proto"]] = svc["Port"]
+    services = _services(hostinfo.get("Services")) if isinstance(hostinfo, dict) else []
     return Node(
         id=nid,
         stable_id=_str(obj.get("StableID")),
@@ -251,8 +255,20 @@ def parse_node(obj) -> Node:
         expired=bool(_bool(obj.get("Expired"))),
         is_wireguard_only=bool(_bool(obj.get("IsWireGuardOnly"))),
         cap=_int(obj.get("Cap")),
-        peerapi_ports=peerapi,
+        services=services,
     )
+
+
+def _services(v) -> list:
+    """Hostinfo.Services -> [(proto, port)]; malformed entries are skipped (informational,
+    never a reason to drop the peer)."""
+    out = []
+    for sv in v if isinstance(v, list) else ():
+        if isinstance(sv, dict) and isinstance(sv.get("Proto"), str) \
+                and isinstance(sv.get("Port"), int) and not isinstance(sv.get("Port"), bool) \
+                and 0 <= sv["Port"] <= 0xFFFF:
+            out.append((sv["Proto"], sv["Port"]))
+    return out
 
 
 @dataclass

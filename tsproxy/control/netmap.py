@@ -21,6 +21,31 @@ from tsproxy.control.messages import DERPMap, DNSConfig, MapResponse, Node
 from tsproxy.errors import RemoteProtocolError
 
 ONLY_TCP_443 = "only-tcp-443"
+# Node attributes (self CapMap keys) tsproxy acts on, and those it knows and leaves alone
+# because they concern what it does not have (SSH, Taildrop, auto-update, the OS resolver and
+# hosts file, Linux firewall rules, Android, Go runtime metrics, netmap caching, UPnP...;
+# docs/protocol-notes.md).  Anything else is unknown: ignored, counted, logged once.
+HANDLED_NODE_ATTRS = frozenset({ONLY_TCP_443})
+KNOWN_NOOP_NODE_ATTRS = frozenset({
+    "https://tailscale.com/cap/is-admin", "https://tailscale.com/cap/is-owner",
+    "https://tailscale.com/cap/ssh", "https://tailscale.com/cap/file-sharing",
+    "https://tailscale.com/cap/tailnet-lock", "https", "funnel",
+    "default-auto-update",                       # 131
+    "disable-hosts-file-updates",                # 132
+    "force-register-magicdns-ipv4-only",         # 133
+    "disable-android-bind-to-active-network",    # 134
+    "cache-network-maps", "disable-cache-network-maps",   # 135
+    "disable-linux-cgnat-drop-rule",             # 136
+    "emit-runtime-metrics",                      # 139
+    "debug-disable-upnp", "disable-captive-portal-detection", "linux-netfilter?v=iptables",
+    "linux-netfilter?v=nftables", "suggest-exit-node", "disable-web-client",
+})
+
+
+def unknown_node_attrs(cap_map: dict) -> list[str]:
+    """Self CapMap keys tsproxy neither acts on nor knowingly ignores."""
+    return sorted(k for k in cap_map if k not in HANDLED_NODE_ATTRS
+                  and k not in KNOWN_NOOP_NODE_ATTRS)
 
 
 @dataclass

@@ -4,15 +4,23 @@ the minimal c2n (control-to-node) HTTP handler, free of I/O; aio.py sends the an
     pr = parse_ping_request(obj)          # None if absent or unusable
     pr.kind: "head" (HEAD to URL; over Noise when URLIsNoise), "c2n" (run the HTTP request in
              Payload here, POST the HTTP response to URL over Noise), or "unsupported"
-    c2n_response(raw_request) -> bytes    # an HTTP/1.1 response, as Go's recorder writes it
+    c2n_answer(raw_request, health) -> (status, bytes)   # an HTTP/1.1 response, as Go's
+                                                         # recorder writes it
 
-c2n serves only `/echo` (the request body back, Go's test handler); anything else is 404.
+c2n paths a client of our capability version must handle (docs/protocol-notes.md):
+  /echo          the request body back (control's liveness probe, e.g. for HA subnet routers)
+  /debug/health  health.State JSON, {"Warnings": {...}} (capver 128)
+  /debug/netmap  501 "feature not included in this build", as Go built without the debug
+                 feature answers (capver 127)
+anything else (e.g. /debug/tka/log, capver 138: no tailnet lock here) is 404, as Go answers a
+path it has no handler for; the caller counts those.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 
 from tsproxy.errors import RemoteProtocolError
@@ -82,12 +90,25 @@ def _response(status: int, reason: str, body: bytes, ctype: str) -> bytes:
             f"Content-Type: {ctype}\r\n\r\n").encode() + body
 
 
-def c2n_response(raw_request: bytes) -> bytes:
+def c2n_answer(raw_request: bytes, health: dict | None = None) -> tuple[int, bytes]:
+    """Run one c2n request; `health` maps a warning code to its text (empty: healthy)."""
     try:
         method, target, _, body = _parse_http_request(raw_request)
     except RemoteProtocolError:
-        return _response(400, "Bad Request", b"bad request\n", "text/plain; charset=utf-8")
+        return 400, _response(400, "Bad Request", b"bad request\n", "text/plain; charset=utf-8")
     path = target.split("?", 1)[0]
     if path == "/echo":
-        return _response(200, "OK", body, "application/octet-stream")
-    return _response(404, "Not Found", b"404 page not found\n", "text/plain; charset=utf-8")
+        return 200, _response(200, "OK", body, "application/octet-stream")
+    if path == "/debug/health":
+        warnings = {code: {"WarnableCode": code, "Severity": "medium", "Title": code,
+                           "Text": text} for code, text in (health or {}).items()}
+        return 200, _response(200, "OK", json.dumps({"Warnings": warnings}).encode() + b"\n",
+                              "application/json")
+    if path == "/debug/netmap":
+        return 501, _response(501, "Not Implemented", b"feature not included in this build\n",
+                              "text/plain; charset=utf-8")
+    return 404, _response(404, "Not Found", b"404 page not found\n", "text/plain; charset=utf-8")
+
+
+def c2n_response(raw_request: bytes) -> bytes:
+    return c2n_answer(raw_request)[1]

@@ -151,9 +151,8 @@ def find_exit_node(nm, selected: str | None) -> ExitNode | None:
 def peerapi_doh_url(node, own_versions) -> str:
     """Go peerAPIBase + "/dns-query": the peer's IPv4 peer API when we have IPv4, else IPv6;
     the ports come from its Hostinfo.Services peerapi4 / peerapi6."""
-    ports = getattr(node, "peerapi_ports", None) or {}
-    for version, proto in ((4, "peerapi4"), (6, "peerapi6")):
-        port = ports.get(proto)
+    for version in (4, 6):
+        port = node.peerapi_port(ipv6=version == 6)
         if not port or version not in own_versions:
             continue
         ip = next((a.network_address for a in node.addresses

@@ -384,4 +384,5 @@ class TailnetPlane:
 
     def counter_sources(self) -> list:
         return [("wg", self.device), ("magicsock", self.magic), ("netstack", self.netstack),
-                ("dialer", self.dialer), ("filter", self.filter), ("routing", self)]
+                ("dialer", self.dialer), ("filter", self.filter), ("routing", self),
+                ("control", self.control)]

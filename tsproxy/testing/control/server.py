@@ -23,7 +23,8 @@ plain-HTTP request on the TLS port gets 400 "Client sent an HTTP request to an H
 (as from Go's net/http; control/tls_listener.py) and is closed.
 
 Test hooks: approve(), expire_node(), delete_node(), set_routes(), set_exit_node(),
-set_node_attr(),
+approve_routes(), auto_approve_routes (attribute), primary_routes(), set_node_attr(),
+set_capabilities(),
 set_packet_filter(), set_dns(),
 set_derp_map(), drop_streams(), restart() (same key and state, every connection dropped),
 inject_raw() (send arbitrary bytes on a node's map stream), send_ping() (PingRequest; answers
@@ -32,6 +33,12 @@ in .pings).  Real servers' behaviours, as attributes: bad_key_answer ("error" | 
 fail_lite_updates (500 to the next N lite updates), stream_updates_node (False: Headscale
 0.23-0.26, node details only from lite updates), registry.renew_expired (False: an expired node
 must log in again).
+
+Profiles: `profile="headscale"` behaves as Headscale does in every quirk PROTOCOL.md lists
+(control/headscale.py): capability versions below 113 refused, node details from lite updates
+only, its keep-alive cadence, its /key answers, and an embedded DERP server on the control
+listener at /derp, published as region 999 with HostName "headscale" and DERPPort 0 (or, with
+embedded_derp="server_url", with the server URL's host and port).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import logging
 import os
 import random
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import h2.config
 import h2.connection
@@ -56,7 +63,9 @@ from tsproxy.control.noiseconn import ServerHandshake
 from tsproxy.errors import RemoteProtocolError
 from tsproxy.keys import MachinePrivate
 from tsproxy.noise.ik import Responder
+from tsproxy.testing.control import headscale as hs_profile
 from tsproxy.testing.control import http1
+from tsproxy.testing.control.hooks import RouteHooks
 from tsproxy.testing.control.mapper import ALLOW_ALL, StreamView
 from tsproxy.testing.control.mapper import format_time as mapper_format_time
 from tsproxy.testing.control.registry import Registry, RegistryError
@@ -210,18 +219,23 @@ def _json(body: bytes) -> dict:
     return obj
 
 
-class TestControlServer:
+class TestControlServer(RouteHooks):
     __test__ = False
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, derp_map: dict | None = None,
                  domain: str = "tailnet.test", keepalive: float = KEEPALIVE,
                  ephemeral_idle: float = EPHEMERAL_IDLE, machine_key: MachinePrivate | None = None,
-                 clock=time.time, tls=None, http_port: int = 0):
+                 clock=time.time, tls=None, http_port: int = 0, profile: str = "tailscale",
+                 embedded_derp: str = "headscale", auto_approve_routes=False):
+        if profile not in ("tailscale", "headscale"):
+            raise ValueError(f"profile must be 'tailscale' or 'headscale', not {profile!r}")
+        self.profile = profile
         self.host, self.port = host, port
         self.tls = tls                  # testing.tlsca.TestCA, or None for plain HTTP only
         self.http_port = http_port      # the plain listener's port when tls is set
         self.key = machine_key or MachinePrivate.generate()
         self.registry = Registry(domain=domain)
+        self.registry.auto_approve_routes = auto_approve_routes
         self.derp_map = derp_map or {"Regions": {}}
         self.packet_filter: list = ALLOW_ALL
         self.dns: dict = {"Resolvers": [], "Domains": [domain], "Proxied": True}
@@ -239,6 +253,11 @@ class TestControlServer:
         self.fail_lite_updates = 0             # answer the next N lite updates 500
         # False: endpoints, disco key, Hostinfo come from lite updates only (Headscale 0.23-0.26)
         self.stream_updates_node = True
+        self.min_cap_version = 0               # below it: refused (Headscale: 113)
+        self.keepalive_jitter: float | None = None   # None: up to keepalive/6 per keep-alive;
+        #                                      else 0..jitter once per stream (Headscale 9 s)
+        self.embedded_derp = None              # a TestDerpServer served at /derp (Headscale)
+        self._embedded_style = embedded_derp
         self.pings: dict[str, dict | None] = {}   # send_ping() id -> the answer (None: none yet)
         self.counters = {"register": 0, "map_stream": 0, "map_lite": 0, "noise_failed": 0,
                          "http_requests": 0}
@@ -249,6 +268,21 @@ class TestControlServer:
         self._conn_tasks: set[asyncio.Task] = set()
         self._waiters: dict[str, asyncio.Event] = {}
         self._reaper: asyncio.Task | None = None
+        self.noise_versions: list[int] = []     # protocol version of each Noise handshake
+        if profile == "headscale":
+            self._headscale()
+
+    def _headscale(self) -> None:
+        if self.keepalive == KEEPALIVE:
+            self.keepalive = hs_profile.KEEPALIVE
+        self.keepalive_jitter = hs_profile.KEEPALIVE_JITTER
+        self.min_cap_version = hs_profile.MIN_CAP_VERSION
+        self.stream_updates_node = False
+        self.bad_key_answer = "error"           # >= 0.25.1
+        self.registry.renew_expired = False
+        self.registry.honour_old_node_key = False
+        self.registry.request_ephemeral = False
+        self.registry.headscale = True
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -281,6 +315,17 @@ class TestControlServer:
                                                      limit=MAX_HEAD * 2)
             self.http_port = self._plain.sockets[0].getsockname()[1]
         self.registry.base_url = self.url
+        if self.profile == "headscale" and self.embedded_derp is None:
+            from tsproxy.testing.derp_server import TestDerpServer
+            self.embedded_derp = TestDerpServer(host=self.host, tls=False, stun_port=0,
+                                                region_id=hs_profile.REGION_ID)
+            await self.embedded_derp.start()    # its own listener is unused; STUN is used
+            region = hs_profile.embedded_region(host=self.host, port=self.port,
+                                                stun_port=self.embedded_derp.stun_addr[1],
+                                                style=self._embedded_style)
+            # added to the regions given (Headscale merges derp.urls/paths with its own)
+            self.derp_map = {**self.derp_map, "Regions": {
+                **self.derp_map.get("Regions", {}), str(hs_profile.REGION_ID): region}}
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_loop())
 
@@ -289,6 +334,9 @@ class TestControlServer:
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
+        if self.embedded_derp is not None:
+            await self.embedded_derp.stop()
+            self.embedded_derp = None
 
     async def _close_listener(self) -> None:
         if self._plain is not None:
@@ -344,25 +392,6 @@ class TestControlServer:
     def delete_node(self, node_id: int) -> None:
         self.registry.delete_node(node_id)
         self.notify()
-
-    def set_routes(self, node_id: int, routes) -> None:
-        self.registry.set_routes(node_id, routes)
-        self.notify()
-
-    def set_node_attr(self, node_id: int, attr: str, value=None, on: bool = True) -> None:
-        """Add (or remove) a node attribute in the node's own CapMap, e.g. "only-tcp-443"."""
-        attrs = self.registry.nodes[node_id].attrs
-        if on:
-            attrs[attr] = value
-        else:
-            attrs.pop(attr, None)
-        self.registry._changed()
-        self.notify()
-
-    def set_exit_node(self, node_id: int, on: bool = True) -> None:
-        """Make the node an approved exit node: 0.0.0.0/0 and ::/0 in its AllowedIPs."""
-        keep = [r for r in self.registry.nodes[node_id].routes if not r.endswith("/0")]
-        self.set_routes(node_id, keep + (["0.0.0.0/0", "::/0"] if on else []))
 
     def set_packet_filter(self, rules: list) -> None:
         self.packet_filter = rules
@@ -474,6 +503,11 @@ class TestControlServer:
                 if path == wire.UPGRADE_PATH:
                     await self._upgrade(reader, writer, head.raw, rr.take_rest())
                     return False
+                if self.embedded_derp is not None and path.startswith("/derp"):
+                    self.counters["embedded_derp"] = self.counters.get("embedded_derp", 0) + 1
+                    await _hand_over(self.embedded_derp, reader, writer,
+                                     head.raw + b"\r\n\r\n" + rr.take_rest())
+                    return False
                 if head.expects_continue and (head.chunked or head.content_length):
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 while (body := rr.next_body(head)) is None:
@@ -487,7 +521,8 @@ class TestControlServer:
                                             close=True))
                 await writer.drain()
                 return True
-            status, ctype, payload = self._http(head.method, path, body)
+            status, ctype, payload = self._http(head.method, path, body,
+                                                urlsplit(head.target).query)
             writer.write(http1.response(status, ctype, payload, head_only=head.method == "HEAD",
                                         close=head.close_after,
                                         keep_alive_10=head.version < (1, 1)))
@@ -495,8 +530,15 @@ class TestControlServer:
             if head.close_after:
                 return True
 
-    def _http(self, method: str, path: str, body: bytes) -> tuple[str, str, bytes]:
+    def _http(self, method: str, path: str, body: bytes,
+              query: str = "") -> tuple[str, str, bytes]:
         if path == wire.KEY_PATH and method in ("GET", "HEAD"):
+            if self.profile == "headscale":
+                v = parse_qs(query).get("v", [""])[0]
+                if not v.isdigit():
+                    return "400 Bad Request", "text/plain", b"missing or bad v parameter\n"
+                if int(v) < hs_profile.NOISE_CAP_VERSION:
+                    return "200 OK", "text/plain", b""
             return "200 OK", "application/json", wire.build_key_response(self.key.public().raw)
         if path.startswith("/ping/"):
             self._ping_answered(path, method, body, "http")
@@ -538,6 +580,15 @@ class TestControlServer:
             writer.write(out)
             await writer.drain()
             return
+        self.noise_versions.append(hs.version)
+        if hs.version < self.min_cap_version:
+            # Headscale's early-write hook fails: the 101 went out, the corked handshake
+            # response never does, and the connection closes
+            self.counters["noise_version_refused"] = \
+                self.counters.get("noise_version_refused", 0) + 1
+            writer.write(wire.UPGRADE_RESPONSE)
+            await writer.drain()
+            return
         writer.write(hs.data_to_send())
         await writer.drain()
         machine = "mkey:" + noise.peer_static.hex()
@@ -563,6 +614,9 @@ class TestControlServer:
         except RegistryError as e:
             raise _BadRequest(str(e)) from None
         self.notify()
+        if not self._version_ok(req):           # Headscale checks after handleRegister
+            await s.reply(sid, 400, hs_profile.unsupported(req.get("Version")), "text/plain")
+            return
         if res.auth_failure and self.bad_key_answer == "http401":
             await s.reply(sid, 401, b"Unauthorized\n", "text/plain")
             return
@@ -581,7 +635,17 @@ class TestControlServer:
             self.notify()
         await s.reply(sid, 200, json.dumps(body).encode())
 
+    def _version_ok(self, req: dict) -> bool:
+        v = req.get("Version")
+        ok = not self.min_cap_version or (isinstance(v, int) and v >= self.min_cap_version)
+        if not ok:
+            self.counters["version_refused"] = self.counters.get("version_refused", 0) + 1
+        return ok
+
     async def _map(self, s: _H2Session, sid: int, req: dict) -> None:
+        if not self._version_ok(req):
+            await s.reply(sid, 400, hs_profile.unsupported(req.get("Version")), "text/plain")
+            return
         node = self.registry.by_node_key(req.get("NodeKey") or "")
         if node is None or node.machine != s.machine:
             await s.reply(sid, 404, b"node not found", "text/plain")
@@ -621,12 +685,16 @@ class TestControlServer:
                                    packet_filter=self.packet_filter, dns=self.dns, now=self.clock())
             await s.send_data(sid, encode_map_message(msg, compressed=compress))
             keepalive = encode_map_message({"KeepAlive": True}, compressed=compress)
+            per_stream = None if self.keepalive_jitter is None else \
+                self.keepalive + random.uniform(0, self.keepalive_jitter)
             while True:
-                timeout = self.keepalive + random.uniform(0, self.keepalive / 6)
+                timeout = per_stream if per_stream is not None else \
+                    self.keepalive + random.uniform(0, self.keepalive / 6)
                 try:
                     await asyncio.wait_for(stream.wake.wait(), timeout)
                 except TimeoutError:
                     await s.send_data(sid, keepalive)
+                    self.counters["keepalives"] = self.counters.get("keepalives", 0) + 1
                     continue
                 stream.wake.clear()
                 if stream.closed:
@@ -650,6 +718,27 @@ class TestControlServer:
                 node.streams = 0
                 self.registry.set_online(node, False, self.clock())
                 self.notify()
+
+
+async def _hand_over(derp, reader, writer, prefix: bytes) -> None:
+    """Serve this connection with the embedded DERP server: what was read so far first,
+    then the rest of the socket."""
+    inner = asyncio.StreamReader(limit=MAX_HEAD * 2)
+    inner.feed_data(prefix)
+
+    async def pump():
+        try:
+            while data := await reader.read(65536):
+                inner.feed_data(data)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            inner.feed_eof()
+    task = asyncio.create_task(pump())
+    try:
+        await derp._handle(inner, writer)
+    finally:
+        task.cancel()
 
 
 async def _lingering_close(reader, writer, timeout: float = 2.0) -> None:
