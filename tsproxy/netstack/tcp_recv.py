@@ -1,0 +1,141 @@
+"""The receive half of a TCP connection (a mixin of TcpConnection in tcp.py): the in-order
+receive buffer the application reads, the out-of-order queue (reassembly, SACK blocks we
+advertise), and the advertised window.
+
+The advertised window is what is free in the receive buffer (`rcv_cap` less what is queued),
+never shrunk once advertised (RFC 9293 3.8.6).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from tsproxy.netstack.tcp_seq import CAN_RECEIVE_DATA, DELACK, EV_READABLE
+
+
+class ReceiveSide:
+    def recv(self, max_bytes: int, now: float) -> bytes:
+        buf = self.rcv_buf
+        if not buf:
+            return b""
+        if max_bytes >= len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:max_bytes])
+            del buf[:max_bytes]
+        # window update when the window opened enough to matter (receiver SWS avoidance)
+        if self.state in CAN_RECEIVE_DATA:
+            new_edge = self.rcv_nxt + self._free()
+            if new_edge - self.rcv_adv >= min(self.rcv_cap // 2, 2 * self.mss):
+                self.ack_now = True
+                self._output(now)
+        return data
+
+    def readable_bytes(self) -> int:
+        return len(self.rcv_buf)
+
+    def _free(self) -> int:
+        free = self.rcv_cap - len(self.rcv_buf) - self.ooo_bytes
+        return free if free > 0 else 0
+
+    def _rx_data(self, seq: int, payload, now: float) -> None:
+        rn = self.rcv_nxt
+        end = seq + len(payload)
+        if seq < rn:
+            payload = payload[rn - seq:]
+            seq = rn
+        limit = self.rcv_adv if self.rcv_adv > rn else rn
+        if end > limit:
+            payload = payload[:max(0, limit - seq)]
+            end = seq + len(payload)
+            self.counters["tcp_rx_beyond_window"] = self.counters.get("tcp_rx_beyond_window", 0) + 1
+        if not payload:
+            self.ack_now = True
+            return
+        if seq == rn:
+            self.rcv_buf += payload
+            self.rcv_nxt = end
+            if self.ooo:
+                self._drain_ooo()
+                self.ack_now = True                           # filled a hole: ack at once
+            else:
+                self.ack_pending += 1
+                if self.ack_pending >= 2:
+                    self.ack_now = True
+                elif self.delack_at is None:
+                    self.delack_at = now + DELACK
+            self._event(EV_READABLE, None)
+        else:
+            self._store_ooo(seq, bytes(payload))
+            self.ack_now = True                               # out of order: ack (with SACK) now
+
+    def _store_ooo(self, seq: int, data: bytes) -> None:
+        starts = self.ooo_starts
+        i = bisect.bisect_left(starts, seq)
+        if i < len(starts) and starts[i] == seq and len(self.ooo[i][1]) >= len(data):
+            return                                            # duplicate
+        # trim against neighbours so stored bytes never overlap
+        if i > 0:
+            ps, pd = self.ooo[i - 1]
+            pe = ps + len(pd)
+            if pe >= seq + len(data):
+                return
+            if pe > seq:
+                data = data[pe - seq:]
+                seq = pe
+        end = seq + len(data)
+        j = i
+        while j < len(starts) and starts[j] + len(self.ooo[j][1]) <= end:
+            self.ooo_bytes -= len(self.ooo[j][1])
+            j += 1
+        if j < len(starts) and starts[j] < end:
+            data = data[:starts[j] - seq]
+            end = seq + len(data)
+        self.ooo_bytes += len(data)
+        self.last_ooo = seq
+        if i > 0 and i == j and self.ooo[i - 1][0] + len(self.ooo[i - 1][1]) == seq:
+            self.ooo[i - 1][1] += data                        # the common case: extend a run
+            return
+        if i == j and len(starts) >= self.ooo_max:
+            self.ooo_bytes -= len(data)
+            self.counters["tcp_ooo_queue_full"] = self.counters.get("tcp_ooo_queue_full", 0) + 1
+            return
+        self.ooo[i:j] = [[seq, bytearray(data)]]
+        starts[i:j] = [seq]
+
+    def _drain_ooo(self) -> None:
+        while self.ooo and self.ooo[0][0] <= self.rcv_nxt:
+            s, d = self.ooo.pop(0)
+            self.ooo_starts.pop(0)
+            self.ooo_bytes -= len(d)
+            e = s + len(d)
+            if e > self.rcv_nxt:
+                self.rcv_buf += d[self.rcv_nxt - s:]
+                self.rcv_nxt = e
+
+    def _sack_blocks(self) -> list:
+        if not self.ooo:
+            return []
+        blocks = []
+        for s, d in self.ooo:
+            e = s + len(d)
+            if blocks and blocks[-1][1] == s:
+                blocks[-1][1] = e
+            else:
+                blocks.append([s, e])
+        last = getattr(self, "last_ooo", None)
+        first = [b for b in blocks if last is not None and b[0] <= last < b[1]]
+        rest = [b for b in reversed(blocks) if b not in first]
+        return (first + rest)[:4]
+
+    def _window_field(self) -> int:
+        free = self._free()
+        edge = self.rcv_nxt + free
+        if edge < self.rcv_adv:
+            edge = self.rcv_adv                               # never shrink the window
+        win = (edge - self.rcv_nxt) >> self.rcv_wscale
+        if win > 65535:
+            win = 65535
+        self.rcv_adv = self.rcv_nxt + (win << self.rcv_wscale)
+        return win
