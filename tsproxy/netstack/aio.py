@@ -329,10 +329,7 @@ class NetstackRuntime:
 
     # ---- plumbing
     def deliver(self, packets) -> None:
-        now = self.loop.time()
-        receive = self.stack.receive_packet
-        for p in packets:
-            receive(p, now)
+        self.stack.receive_packets(packets, self.loop.time())
         self._process()
 
     def touch(self, conn) -> None:
@@ -363,6 +360,7 @@ class NetstackRuntime:
                 stream._on_event(kind, detail)
             if conn.state == T.CLOSED or conn.state == T.TIME_WAIT:
                 self.streams.pop(conn, None)
+        self.stack.service_budget(self.loop.time())
         out = self.stack.packets_to_send()
         if out:
             self.send_packets(out)

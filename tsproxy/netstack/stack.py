@@ -1,6 +1,10 @@
 """The userspace IP stack: demux, listeners, ICMP, UDP sockets and one timer for everything.
 
     receive_packet(pkt, now)   IPv4/IPv6 in (already authenticated by WireGuard in the daemon)
+    receive_packets(pkts, now) the same for one wakeup's batch: in-order data acked once per
+                               connection at its end (ACK decimation)
+    service_budget(now)        window updates for connections the shared receive budget
+                               (tcp_budget.py) held back, after the applications read
     packets_to_send()          IP packets out
     next_deadline() / handle_timer(now)
                                one deadline for the whole stack: a heap of per-connection
@@ -20,6 +24,7 @@ import os
 
 from tsproxy.errors import NetworkUnreachable
 from tsproxy.netstack import tcp as T
+from tsproxy.netstack.tcp_budget import DEFAULT_TOTAL as DEFAULT_RCV_BUDGET, ReceiveBudget
 from tsproxy.netstack.wire import icmp, ip, udp
 from tsproxy.netstack.wire.checksum import checksum
 from tsproxy.netstack.wire import tcp as W
@@ -66,7 +71,8 @@ class UdpSocket:
 class Stack:
     def __init__(self, addresses, *, mtu: int, now: float, rng=os.urandom,
                  verify_checksums: bool = True, msl: float = T.DEFAULT_MSL,
-                 rcv_buf: int = T.DEFAULT_BUF, snd_buf: int = T.DEFAULT_BUF):
+                 rcv_buf: int = T.DEFAULT_BUF, snd_buf: int = T.DEFAULT_BUF,
+                 rcv_budget: int | None = DEFAULT_RCV_BUDGET):
         self.addresses = [ipaddress.ip_address(a) for a in addresses]
         self.addr_set = {a.packed for a in self.addresses}
         self.mtu = mtu
@@ -88,6 +94,9 @@ class Stack:
         self._seq = 0
         self.counters: collections.Counter = collections.Counter()
         self.udp_errors: list = []
+        # the sum of every connection's receive window (tcp_budget.py); None: unbounded
+        self.budget = ReceiveBudget(rcv_budget) if rcv_budget else None
+        self._ack_due: set = set()                  # connections owing an ACK at batch end
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -121,6 +130,10 @@ class Stack:
                                msl=self.msl, **kw)
         conn.key = key
         conn.passive = False
+        conn.ack_defer = self._ack_due
+        if self.budget is not None:
+            conn.budget = self.budget
+            self.budget.attach(conn)
         self.conns[key] = conn
         self.ports_in_use[(laddr, lport)] += 1
         return conn
@@ -231,7 +244,37 @@ class Stack:
             self.pending[conn.key[3]] -= 1
 
     # ---------------------------------------------------------------- input
+    def receive_packets(self, pkts, now: float) -> None:
+        """A batch of inbound packets (one wakeup's worth): in-order data is acked once per
+        connection at the end of the batch instead of every second segment."""
+        rx = self._receive
+        for pkt in pkts:
+            rx(pkt, now)
+        self._end_batch(now)
+
     def receive_packet(self, pkt, now: float) -> None:
+        self._receive(pkt, now)
+        self._end_batch(now)
+
+    def _end_batch(self, now: float) -> None:
+        due = self._ack_due
+        if due:
+            for conn in list(due):
+                conn.flush_ack(now)
+                self._after(conn)
+            due.clear()
+        self.service_budget(now)
+
+    def service_budget(self, now: float) -> None:
+        """Window updates for connections the receive budget held back, now that the
+        applications have read (round-robin, oldest waiter first)."""
+        b = self.budget
+        if b is not None and b._waiters:
+            for conn in b.take_ready():
+                conn.budget_wakeup(now)
+                self._after(conn)
+
+    def _receive(self, pkt, now: float) -> None:
         r = ip.parse(pkt, self.verify)
         if r.__class__ is str:
             self.counters[r] += 1

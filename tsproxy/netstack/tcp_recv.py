@@ -3,17 +3,22 @@ receive buffer the application reads, the out-of-order queue (reassembly, SACK b
 advertise), and the advertised window.
 
 The advertised window is what is free in the receive buffer (`rcv_cap` less what is queued),
-never shrunk once advertised (RFC 9293 3.8.6).
+within what the stack's shared receive budget grants (tcp_budget.py), never shrunk once
+advertised (RFC 9293 3.8.6).  ACKs are decimated: one per two segments, or one per input
+batch when the stack batches (`ack_defer`), immediately for out-of-order data.
 """
 
 from __future__ import annotations
 
 import bisect
 
-from tsproxy.netstack.tcp_seq import CAN_RECEIVE_DATA, DELACK, EV_READABLE
+from tsproxy.netstack.tcp_seq import CAN_RECEIVE_DATA, DELACK, EV_READABLE, SYNCHRONIZED
 
 
 class ReceiveSide:
+    budget = None                     # the stack's ReceiveBudget (tcp_budget.py), if any
+    ack_defer = None                  # the stack's set of connections to ack at batch end
+
     def recv(self, max_bytes: int, now: float) -> bytes:
         buf = self.rcv_buf
         if not buf:
@@ -24,13 +29,51 @@ class ReceiveSide:
         else:
             data = bytes(buf[:max_bytes])
             del buf[:max_bytes]
-        # window update when the window opened enough to matter (receiver SWS avoidance)
-        if self.state in CAN_RECEIVE_DATA:
-            new_edge = self.rcv_nxt + self._free()
-            if new_edge - self.rcv_adv >= min(self.rcv_cap // 2, 2 * self.mss):
-                self.ack_now = True
-                self._output(now)
+        b = self.budget
+        if b is not None:
+            b.set_held(self, self._held())               # read bytes go back to the budget
+        if self.state in CAN_RECEIVE_DATA and self._window_update_due():
+            self.ack_now = True
+            self._output(now)
         return data
+
+    def _held(self) -> int:
+        """What this connection holds of the receive budget: bytes buffered for the
+        application plus window advertised and not yet received (none after their FIN)."""
+        if self.eof:
+            return len(self.rcv_buf)
+        ahead = self.rcv_adv - self.rcv_nxt
+        return len(self.rcv_buf) + (ahead if ahead > 0 else 0)
+
+    def _window_update_due(self) -> bool:
+        """Send a window update only when it matters (RFC 9293 3.8.6.2.2 receiver SWS
+        avoidance, and Linux's rule): the window opens by at least a segment and at least
+        doubles.  A reader draining a large buffer promptly costs no packets: the ACKs for
+        its data carry the window anyway."""
+        rn = self.rcv_nxt
+        base = self.rcv_adv if self.rcv_adv > rn else rn
+        cur = base - rn
+        opened = rn + self._free() - base
+        need = self.mss if self.mss < self.rcv_cap // 2 else self.rcv_cap // 2
+        if opened < need or opened < cur:
+            return False
+        b = self.budget
+        if b is not None:
+            opened = b.grant(self, self._held(), opened)   # queued as a waiter if spent
+            return opened >= need and opened >= cur
+        return True
+
+    def budget_wakeup(self, now: float) -> None:
+        """The budget has room again for this waiter: advertise it if that matters."""
+        if self.state in CAN_RECEIVE_DATA and self._window_update_due():
+            self.ack_now = True
+            self._output(now)
+
+    def flush_ack(self, now: float) -> None:
+        """End of an input batch: one ACK for the in-order data it brought (decimation)."""
+        if self.ack_pending and self.state in SYNCHRONIZED:
+            self.ack_now = True
+            self._output(now)
 
     def readable_bytes(self) -> int:
         return len(self.rcv_buf)
@@ -62,10 +105,17 @@ class ReceiveSide:
             else:
                 self.ack_pending += 1
                 if self.ack_pending >= 2:
-                    self.ack_now = True
+                    # ack every 2nd segment (RFC 9293 3.8.6.3); inside an input batch the
+                    # stack sends one ACK for all of them at its end (they would leave together)
+                    if self.ack_defer is None:
+                        self.ack_now = True
+                    else:
+                        self.ack_defer.add(self)
                 elif self.delack_at is None:
                     self.delack_at = now + DELACK
-            self._event(EV_READABLE, None)
+            ev = self.events
+            if not ev or ev[-1][0] != EV_READABLE:          # one pending "readable" is enough
+                self._event(EV_READABLE, None)
         else:
             self._store_ooo(seq, bytes(payload))
             self.ack_now = True                               # out of order: ack (with SACK) now
@@ -130,12 +180,19 @@ class ReceiveSide:
         return (first + rest)[:4]
 
     def _window_field(self) -> int:
-        free = self._free()
-        edge = self.rcv_nxt + free
-        if edge < self.rcv_adv:
-            edge = self.rcv_adv                               # never shrink the window
-        win = (edge - self.rcv_nxt) >> self.rcv_wscale
+        rn = self.rcv_nxt
+        base = self.rcv_adv if self.rcv_adv > rn else rn
+        edge = rn + self._free()
+        b = self.budget
+        if edge > base:
+            if b is not None:
+                edge = base + b.grant(self, self._held(), edge - base)
+        else:
+            edge = base                                       # never shrink the window
+        win = (edge - rn) >> self.rcv_wscale
         if win > 65535:
             win = 65535
-        self.rcv_adv = self.rcv_nxt + (win << self.rcv_wscale)
+        self.rcv_adv = rn + (win << self.rcv_wscale)
+        if b is not None:
+            b.set_held(self, self._held())
         return win

@@ -70,8 +70,8 @@ class SendSide:
             elif st == LAST_ACK:
                 self._to_closed(None)
                 return
-        if self.state in CAN_SEND or self.state == FIN_WAIT_1 or self.state == CLOSING or self.state == LAST_ACK:
-            self._output(now)
+        # what the ACK lets us send goes out from receive_segment's one _output at its end,
+        # after any data in this segment was taken: those segments then carry its ACK
 
     def _on_new_ack(self, ack: int, acked: int, now: float) -> None:
         self.dupacks = 0
@@ -95,6 +95,11 @@ class SendSide:
         if self.rtt_seq is not None and ack >= self.rtt_seq:
             self._rtt_sample(now - self.rtt_time)
             self.rtt_seq = None
+        if self.retries and self.srtt is not None:
+            # new data acknowledged: the path works again, so drop the exponential backoff
+            # (as Linux does) instead of keeping it until a clean RTT sample; a burst of
+            # losses then costs one long timeout, not a string of them
+            self.rto = self._rto_from_srtt()
         self.retries = 0
         # congestion control
         if self.recovery is not None:
@@ -137,7 +142,10 @@ class SendSide:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
             self.srtt = 0.875 * self.srtt + 0.125 * r
-        self.rto = min(max(self.srtt + max(0.001, 4 * self.rttvar), RTO_MIN), RTO_MAX)
+        self.rto = self._rto_from_srtt()
+
+    def _rto_from_srtt(self) -> float:
+        return min(max(self.srtt + max(0.001, 4 * self.rttvar), RTO_MIN), RTO_MAX)
 
     def _update_sack(self, blocks) -> None:
         una, top = self.snd_una, self.snd_max
@@ -241,8 +249,11 @@ class SendSide:
             buf_end = self.buf_seq + len(self.sndbuf)
             wnd_end = self.snd_una + self.snd_wnd
             pipe = self._pipe() if self.recovery is not None else self.snd_max - self.snd_una - self.sacked_bytes
+            cwnd = self.cwnd
+            if self.recovery is None and 0 < self.dupacks < DUPTHRESH:
+                cwnd += self.dupacks * mss      # limited transmit (RFC 3042): earn a 3rd dupack
             while self.snd_max < buf_end:
-                room = min(self.cwnd - pipe, wnd_end - self.snd_max)
+                room = min(cwnd - pipe, wnd_end - self.snd_max)
                 if room <= 0:
                     break
                 n = min(mss, buf_end - self.snd_max, room)
@@ -272,8 +283,8 @@ class SendSide:
         off = seq - self.buf_seq
         payload = self.sndbuf[off:off + n]
         flags = PSH if seq + n == self.buf_seq + len(self.sndbuf) else 0
-        if self.fin_seq is not None and seq + n > self.fin_seq:
-            flags |= FIN                                        # a hole that covers our FIN
+        if self.fin_seq is not None and seq + n >= self.fin_seq:
+            flags |= FIN                                        # the FIN rides along (or sits inside)
         self._emit(seq, flags, payload)
         end = seq + n
         if retransmit:
