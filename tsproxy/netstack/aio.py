@@ -130,6 +130,17 @@ class TcpStream:
                 return b""
             await self._wait_readable()
 
+    def read_nowait(self, n: int) -> bytes:
+        """Up to n bytes that are already here, without waiting (b"" when none are)."""
+        if self._rbuf:
+            k = min(n, len(self._rbuf))
+            data = bytes(self._rbuf[:k])
+            del self._rbuf[:k]
+            return data
+        if self.conn.rcv_buf and n > 0:
+            return self._pull(n)
+        return b""
+
     async def readexactly(self, n: int) -> bytes:
         while len(self._rbuf) < n:
             chunk = await self._read_more()

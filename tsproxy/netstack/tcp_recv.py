@@ -192,7 +192,11 @@ class ReceiveSide:
         win = (edge - rn) >> self.rcv_wscale
         if win > 65535:
             win = 65535
-        self.rcv_adv = rn + (win << self.rcv_wscale)
+        # rcv_adv is the furthest edge ever advertised: the scaled field may round a closing
+        # window below it (by < 2**wscale bytes), and the peer may still send up to it
+        adv = rn + (win << self.rcv_wscale)
+        if adv > self.rcv_adv:
+            self.rcv_adv = adv
         if b is not None:
             b.set_held(self, self._held())
         return win

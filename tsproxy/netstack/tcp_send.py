@@ -27,7 +27,7 @@ class SendSide:
         if room <= 0:
             return 0
         n = min(room, len(data))
-        self.sndbuf += data[:n] if n < len(data) else data
+        self.sndbuf += memoryview(data)[:n] if n < len(data) else data   # one copy, not two
         if self.state in CAN_SEND:
             self._output(now)
         return n
@@ -306,6 +306,7 @@ class SendSide:
         self.retries += 1
         self.counters["tcp_rto"] = self.counters.get("tcp_rto", 0) + 1
         if st in (SYN_SENT, SYN_RECEIVED):
+            self.counters["tcp_rto_syn"] = self.counters.get("tcp_rto_syn", 0) + 1
             if self.retries > SYN_RETRIES:
                 self._to_closed("timeout")
                 return
