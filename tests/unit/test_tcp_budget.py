@@ -180,3 +180,52 @@ def test_without_a_budget_windows_are_the_buffers():
     a = Stack(["10.0.0.1"], mtu=1420, now=0.0, rcv_budget=None)
     c = a.tcp_connect("10.0.0.2", 80, 0.0)
     assert a.budget is None and c.budget is None
+
+
+# ---------------------------------------------------------------- the send quota
+
+def test_send_quota_bounds_new_data_per_flush_and_resumes_parked_senders():
+    burst, n, size = 6, 5, 80_000
+    a = Stack(["10.0.0.1"], mtu=1420, now=0.0, tx_burst=burst)
+    b = Stack(["10.0.0.2"], mtu=1420, now=0.0, tx_burst=None)
+    b.tcp_listen(80)
+    conns = [a.tcp_connect("10.0.0.2", 80, 0.0) for _ in range(n)]
+    rnd = random.Random(5)
+    data = {c: rnd.randbytes(size) for c in conns}
+    sent = {c: 0 for c in conns}
+    got = {}
+    per_flush = []
+    flush = a.packets_to_send
+
+    def counted():
+        out = flush()
+        per_flush.append(sum(1 for p in out if len(p) > 40))   # segments that carry data
+        return out
+    a.packets_to_send = counted
+
+    def step(now):
+        for conn in b.take_touched():
+            if conn.passive:
+                got.setdefault(conn, bytearray())
+        a.take_touched()
+        for c in conns:
+            if c.state == T.ESTABLISHED and sent[c] < size:
+                sent[c] += c.send(memoryview(data[c])[sent[c]:], now)
+                a.poke(c)
+        for conn, buf in got.items():
+            d = conn.recv(1 << 20, now)
+            if d:
+                buf += d
+                b.poke(conn)
+
+    run_until([a, b], Link(delay=0.002, seed=2), lambda: len(got) == n and all(
+        len(v) == size for v in got.values()), now=0.0, on_step=step, limit=600)
+    assert sorted(bytes(v) for v in got.values()) == sorted(data.values())
+    assert max(per_flush) <= burst                      # no retransmissions on this link
+    assert a.tx_gate.parks > 0                          # the quota did hold senders back
+
+
+def test_send_quota_refuses_a_nonsense_burst():
+    from tsproxy.netstack.tcp_budget import SendQuota
+    with pytest.raises(ValueError):
+        SendQuota(0)

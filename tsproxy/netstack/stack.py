@@ -8,7 +8,9 @@
     packets_to_send()          IP packets out
     next_deadline() / handle_timer(now)
                                one deadline for the whole stack: a heap of per-connection
-                               deadlines, refreshed only for connections touched since
+                               deadlines, refreshed only for connections touched since, and
+                               "now" while senders are parked by the send quota (tcp_budget.py:
+                               new-data segments per flush of packets_to_send are bounded)
     take_touched()             connections with events for the stream layer
 
 Every malformed, unexpected or unroutable packet is dropped and counted, never raised.
@@ -24,7 +26,8 @@ import os
 
 from tsproxy.errors import NetworkUnreachable
 from tsproxy.netstack import tcp as T
-from tsproxy.netstack.tcp_budget import DEFAULT_TOTAL as DEFAULT_RCV_BUDGET, ReceiveBudget
+from tsproxy.netstack.tcp_budget import (DEFAULT_BURST, DEFAULT_TOTAL as DEFAULT_RCV_BUDGET,
+                                         ReceiveBudget, SendQuota)
 from tsproxy.netstack.wire import icmp, ip, udp
 from tsproxy.netstack.wire.checksum import checksum
 from tsproxy.netstack.wire import tcp as W
@@ -72,7 +75,8 @@ class Stack:
     def __init__(self, addresses, *, mtu: int, now: float, rng=os.urandom,
                  verify_checksums: bool = True, msl: float = T.DEFAULT_MSL,
                  rcv_buf: int = T.DEFAULT_BUF, snd_buf: int = T.DEFAULT_BUF,
-                 rcv_budget: int | None = DEFAULT_RCV_BUDGET):
+                 rcv_budget: int | None = DEFAULT_RCV_BUDGET,
+                 tx_burst: int | None = DEFAULT_BURST):
         self.addresses = [ipaddress.ip_address(a) for a in addresses]
         self.addr_set = {a.packed for a in self.addresses}
         self.mtu = mtu
@@ -97,6 +101,8 @@ class Stack:
         # the sum of every connection's receive window (tcp_budget.py); None: unbounded
         self.budget = ReceiveBudget(rcv_budget) if rcv_budget else None
         self._ack_due: set = set()                  # connections owing an ACK at batch end
+        # new-data segments per flush of the outbox, all connections together; None: unbounded
+        self.tx_gate = SendQuota(tx_burst) if tx_burst else None
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -104,6 +110,8 @@ class Stack:
     def packets_to_send(self) -> list:
         out = self.out[:]          # connections hold a reference to this very list
         self.out.clear()
+        if self.tx_gate is not None:
+            self.tx_gate.refill()  # the next flush may carry another burst
         return out
 
     def source_for(self, version: int) -> bytes:
@@ -131,6 +139,7 @@ class Stack:
         conn.key = key
         conn.passive = False
         conn.ack_defer = self._ack_due
+        conn.tx_gate = self.tx_gate
         if self.budget is not None:
             conn.budget = self.budget
             self.budget.attach(conn)
@@ -222,9 +231,19 @@ class Stack:
         if len(heap) > 4 * len(self.conns) + 64:
             self._heap = heap = [e for e in heap if e[2]._sched == e[0]]
             heapq.heapify(heap)
-        return heap[0][0] if heap else None
+        d = heap[0][0] if heap else None
+        gate = self.tx_gate
+        if gate is not None and gate.since is not None and (d is None or gate.since < d):
+            d = gate.since                           # parked senders: due now
+        return d
 
     def handle_timer(self, now: float) -> None:
+        gate = self.tx_gate
+        if gate is not None and gate.since is not None:
+            for conn in gate.take_parked():          # oldest first: round-robin
+                if conn.state != T.CLOSED:
+                    conn._output(now)
+                    self._after(conn)
         self.next_deadline()
         heap = self._heap
         while heap and heap[0][0] <= now:

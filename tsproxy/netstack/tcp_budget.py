@@ -122,3 +122,45 @@ class ReceiveBudget:
 
     def waiting(self) -> int:
         return len(self._waiting)
+
+
+DEFAULT_BURST = 1024            # new-data segments per flush, all connections together
+
+
+class SendQuota:
+    """Bounds the new-data segments all connections put out between two flushes of the
+    stack's outbox, so a burst of many senders cannot overrun the process's own UDP socket
+    (the kernel drops what does not fit in its send buffer, and the senders take it for
+    congestion).  A connection that finds the quota spent parks; the stack refills the quota
+    at each flush and resumes the parked connections first, in the order they parked
+    (round-robin between busy senders).  Retransmissions and ACKs are never held back."""
+
+    __slots__ = ("burst", "left", "since", "_parked", "_parked_set", "parks")
+
+    def __init__(self, burst: int = DEFAULT_BURST):
+        if burst <= 0:
+            raise ValueError("burst must be positive")
+        self.burst = burst
+        self.left = burst
+        self.since: float | None = None     # when the oldest parked connection parked
+        self._parked: collections.deque = collections.deque()
+        self._parked_set: set = set()
+        self.parks = 0
+
+    def refill(self) -> None:
+        self.left = self.burst
+
+    def park(self, conn, now: float) -> None:
+        if conn not in self._parked_set:
+            self._parked_set.add(conn)
+            self._parked.append(conn)
+            self.parks += 1
+            if self.since is None:
+                self.since = now
+
+    def take_parked(self) -> list:
+        out = list(self._parked)
+        self._parked.clear()
+        self._parked_set.clear()
+        self.since = None
+        return out

@@ -18,6 +18,8 @@ from tsproxy.netstack.wire import tcp as W
 
 
 class SendSide:
+    tx_gate = None                    # the stack's SendQuota (tcp_budget.py), if any
+
     def send(self, data, now: float) -> int:
         if self.state not in CAN_SEND and self.state not in (SYN_SENT, SYN_RECEIVED):
             return 0
@@ -252,6 +254,7 @@ class SendSide:
             cwnd = self.cwnd
             if self.recovery is None and 0 < self.dupacks < DUPTHRESH:
                 cwnd += self.dupacks * mss      # limited transmit (RFC 3042): earn a 3rd dupack
+            gate = self.tx_gate
             while self.snd_max < buf_end:
                 room = min(cwnd - pipe, wnd_end - self.snd_max)
                 if room <= 0:
@@ -259,6 +262,11 @@ class SendSide:
                 n = min(mss, buf_end - self.snd_max, room)
                 if n < mss and n < buf_end - self.snd_max and pipe > 0:
                     break                                       # wait for a full segment
+                if gate is not None:
+                    if gate.left <= 0:
+                        gate.park(self, now)                    # the stack resumes us after a flush
+                        break
+                    gate.left -= 1
                 self._send_range(self.snd_max, n, now, retransmit=False)
                 pipe += n
                 sent_any = True
