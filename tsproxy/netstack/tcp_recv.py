@@ -101,7 +101,7 @@ class ReceiveSide:
             self.rcv_nxt = end
             if self.ooo:
                 self._drain_ooo()
-                self.ack_now = True                           # filled a hole: ack at once
+                self._ack_at_once()                           # filled a hole
             else:
                 self.ack_pending += 1
                 if self.ack_pending >= 2:
@@ -118,7 +118,18 @@ class ReceiveSide:
                 self._event(EV_READABLE, None)
         else:
             self._store_ooo(seq, bytes(payload))
-            self.ack_now = True                               # out of order: ack (with SACK) now
+            self._ack_at_once()                               # out of order: ack (with SACK)
+
+    def _ack_at_once(self) -> None:
+        """Out-of-order data or a filled hole is acked immediately (RFC 9293 3.8.6.3).  With
+        SACK, inside an input batch, the one ACK at the batch's end (leaving at the same
+        moment) carries every block the sender would learn from one per segment; without
+        SACK the sender counts duplicate ACKs, so each goes out."""
+        if self.sack_ok and self.ack_defer is not None:
+            self.ack_pending += 1
+            self.ack_defer.add(self)
+        else:
+            self.ack_now = True
 
     def _store_ooo(self, seq: int, data: bytes) -> None:
         starts = self.ooo_starts
