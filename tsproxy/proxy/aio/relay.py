@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 
 CHUNK = 256 * 1024
-COALESCE = 64 * 1024        # below this, wait one loop pass for more from a tunnel stream
+COALESCE = 64 * 1024        # below this, wait one loop pass for more from a tunnel stream...
+STREAMING = 2 * 1024        # ...unless it is less than a couple of segments: a message, not a
+                            # stream, so no added latency for request/response traffic
 
 
 def abort(writer) -> None:
@@ -32,7 +34,7 @@ async def _pipe(src, dst, counter: list | None) -> None:
         data = await src.read(CHUNK)
         if not data:
             break
-        if read_nowait is not None and len(data) < COALESCE:
+        if read_nowait is not None and STREAMING <= len(data) < COALESCE:
             await asyncio.sleep(0)
             more = read_nowait(CHUNK - len(data))
             if more:
