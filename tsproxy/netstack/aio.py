@@ -130,6 +130,17 @@ class TcpStream:
                 return b""
             await self._wait_readable()
 
+    def read_nowait(self, n: int) -> bytes:
+        """Up to n bytes that are already here, without waiting (b"" when none are)."""
+        if self._rbuf:
+            k = min(n, len(self._rbuf))
+            data = bytes(self._rbuf[:k])
+            del self._rbuf[:k]
+            return data
+        if self.conn.rcv_buf and n > 0:
+            return self._pull(n)
+        return b""
+
     async def readexactly(self, n: int) -> bytes:
         while len(self._rbuf) < n:
             chunk = await self._read_more()
@@ -329,10 +340,7 @@ class NetstackRuntime:
 
     # ---- plumbing
     def deliver(self, packets) -> None:
-        now = self.loop.time()
-        receive = self.stack.receive_packet
-        for p in packets:
-            receive(p, now)
+        self.stack.receive_packets(packets, self.loop.time())
         self._process()
 
     def touch(self, conn) -> None:
@@ -363,6 +371,7 @@ class NetstackRuntime:
                 stream._on_event(kind, detail)
             if conn.state == T.CLOSED or conn.state == T.TIME_WAIT:
                 self.streams.pop(conn, None)
+        self.stack.service_budget(self.loop.time())
         out = self.stack.packets_to_send()
         if out:
             self.send_packets(out)

@@ -1,10 +1,16 @@
 """The userspace IP stack: demux, listeners, ICMP, UDP sockets and one timer for everything.
 
     receive_packet(pkt, now)   IPv4/IPv6 in (already authenticated by WireGuard in the daemon)
+    receive_packets(pkts, now) the same for one wakeup's batch: in-order data acked once per
+                               connection at its end (ACK decimation)
+    service_budget(now)        window updates for connections the shared receive budget
+                               (tcp_budget.py) held back, after the applications read
     packets_to_send()          IP packets out
     next_deadline() / handle_timer(now)
                                one deadline for the whole stack: a heap of per-connection
-                               deadlines, refreshed only for connections touched since
+                               deadlines, refreshed only for connections touched since, and
+                               "now" while senders are parked by the send quota (tcp_budget.py:
+                               new-data segments per flush of packets_to_send are bounded)
     take_touched()             connections with events for the stream layer
 
 Every malformed, unexpected or unroutable packet is dropped and counted, never raised.
@@ -20,6 +26,8 @@ import os
 
 from tsproxy.errors import NetworkUnreachable
 from tsproxy.netstack import tcp as T
+from tsproxy.netstack.tcp_budget import (DEFAULT_BURST, DEFAULT_TOTAL as DEFAULT_RCV_BUDGET,
+                                         ReceiveBudget, SendQuota)
 from tsproxy.netstack.wire import icmp, ip, udp
 from tsproxy.netstack.wire.checksum import checksum
 from tsproxy.netstack.wire import tcp as W
@@ -66,7 +74,9 @@ class UdpSocket:
 class Stack:
     def __init__(self, addresses, *, mtu: int, now: float, rng=os.urandom,
                  verify_checksums: bool = True, msl: float = T.DEFAULT_MSL,
-                 rcv_buf: int = T.DEFAULT_BUF, snd_buf: int = T.DEFAULT_BUF):
+                 rcv_buf: int = T.DEFAULT_BUF, snd_buf: int = T.DEFAULT_BUF,
+                 rcv_budget: int | None = DEFAULT_RCV_BUDGET,
+                 tx_burst: int | None = DEFAULT_BURST):
         self.addresses = [ipaddress.ip_address(a) for a in addresses]
         self.addr_set = {a.packed for a in self.addresses}
         self.mtu = mtu
@@ -88,6 +98,11 @@ class Stack:
         self._seq = 0
         self.counters: collections.Counter = collections.Counter()
         self.udp_errors: list = []
+        # the sum of every connection's receive window (tcp_budget.py); None: unbounded
+        self.budget = ReceiveBudget(rcv_budget) if rcv_budget else None
+        self._ack_due: set = set()                  # connections owing an ACK at batch end
+        # new-data segments per flush of the outbox, all connections together; None: unbounded
+        self.tx_gate = SendQuota(tx_burst) if tx_burst else None
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -95,6 +110,8 @@ class Stack:
     def packets_to_send(self) -> list:
         out = self.out[:]          # connections hold a reference to this very list
         self.out.clear()
+        if self.tx_gate is not None:
+            self.tx_gate.refill()  # the next flush may carry another burst
         return out
 
     def source_for(self, version: int) -> bytes:
@@ -121,6 +138,11 @@ class Stack:
                                msl=self.msl, **kw)
         conn.key = key
         conn.passive = False
+        conn.ack_defer = self._ack_due
+        conn.tx_gate = self.tx_gate
+        if self.budget is not None:
+            conn.budget = self.budget
+            self.budget.attach(conn)
         self.conns[key] = conn
         self.ports_in_use[(laddr, lport)] += 1
         return conn
@@ -209,9 +231,19 @@ class Stack:
         if len(heap) > 4 * len(self.conns) + 64:
             self._heap = heap = [e for e in heap if e[2]._sched == e[0]]
             heapq.heapify(heap)
-        return heap[0][0] if heap else None
+        d = heap[0][0] if heap else None
+        gate = self.tx_gate
+        if gate is not None and gate.since is not None and (d is None or gate.since < d):
+            d = gate.since                           # parked senders: due now
+        return d
 
     def handle_timer(self, now: float) -> None:
+        gate = self.tx_gate
+        if gate is not None and gate.since is not None:
+            for conn in gate.take_parked():          # oldest first: round-robin
+                if conn.state != T.CLOSED:
+                    conn._output(now)
+                    self._after(conn)
         self.next_deadline()
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -231,7 +263,37 @@ class Stack:
             self.pending[conn.key[3]] -= 1
 
     # ---------------------------------------------------------------- input
+    def receive_packets(self, pkts, now: float) -> None:
+        """A batch of inbound packets (one wakeup's worth): in-order data is acked once per
+        connection at the end of the batch instead of every second segment."""
+        rx = self._receive
+        for pkt in pkts:
+            rx(pkt, now)
+        self._end_batch(now)
+
     def receive_packet(self, pkt, now: float) -> None:
+        self._receive(pkt, now)
+        self._end_batch(now)
+
+    def _end_batch(self, now: float) -> None:
+        due = self._ack_due
+        if due:
+            for conn in list(due):
+                conn.flush_ack(now)
+                self._after(conn)
+            due.clear()
+        self.service_budget(now)
+
+    def service_budget(self, now: float) -> None:
+        """Window updates for connections the receive budget held back, now that the
+        applications have read (round-robin, oldest waiter first)."""
+        b = self.budget
+        if b is not None and b._waiters:
+            for conn in b.take_ready():
+                conn.budget_wakeup(now)
+                self._after(conn)
+
+    def _receive(self, pkt, now: float) -> None:
         r = ip.parse(pkt, self.verify)
         if r.__class__ is str:
             self.counters[r] += 1

@@ -11,9 +11,12 @@ import ipaddress
 
 
 class AllowedIPs:
+    CACHE_MAX = 4096
+
     def __init__(self):
         self._tables = {4: {}, 6: {}}          # family -> {prefixlen: {masked int: value}}
         self._lengths = {4: [], 6: []}         # prefix lengths present, longest first
+        self._cache: dict = {}                 # packed address -> value (or None): the hot path
 
     def insert(self, network, value) -> None:
         net = ipaddress.ip_network(network, strict=False)
@@ -21,6 +24,7 @@ class AllowedIPs:
         table = self._tables[fam].setdefault(net.prefixlen, {})
         table[int(net.network_address) >> (bits - net.prefixlen) if net.prefixlen else 0] = value
         self._lengths[fam] = sorted(self._tables[fam], reverse=True)
+        self._cache.clear()
 
     def remove_value(self, value) -> None:
         for fam, by_len in self._tables.items():
@@ -31,6 +35,7 @@ class AllowedIPs:
                 if not t:
                     del by_len[plen]
             self._lengths[fam] = sorted(by_len, reverse=True)
+        self._cache.clear()
 
     def lookup_int(self, family: int, addr: int):
         bits = 32 if family == 4 else 128
@@ -42,8 +47,19 @@ class AllowedIPs:
         return None
 
     def lookup_packed(self, packed: bytes):
-        """Lookup by a 4- or 16-byte packed address (straight from an IP header)."""
-        return self.lookup_int(4 if len(packed) == 4 else 6, int.from_bytes(packed, "big"))
+        """Lookup by a 4- or 16-byte packed address (straight from an IP header); remembered
+        per address (a bounded cache, emptied whenever the table changes) since every packet
+        of a flow asks the same question."""
+        cache = self._cache
+        try:
+            return cache[packed]
+        except KeyError:
+            pass
+        v = self.lookup_int(4 if len(packed) == 4 else 6, int.from_bytes(packed, "big"))
+        if len(cache) >= self.CACHE_MAX:
+            cache.clear()
+        cache[bytes(packed)] = v
+        return v
 
     def lookup(self, address):
         ip = ipaddress.ip_address(address)

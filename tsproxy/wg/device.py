@@ -1,7 +1,9 @@
 """A sans-IO WireGuard device: several peers, an index table, AllowedIPs routing, timers.
 
     send_packet(ip_packet, now)          -> encrypt for the peer AllowedIPs routes it to
+    send_packets(ip_packets, now)        -> the same for a batch
     receive_datagram(data, addr, now)    -> handshakes, cookies, transport data
+    receive_datagrams([(data, addr)], now) -> the same for a batch (one wakeup's reads)
     take_packets()                       -> decrypted inbound IP packets
     datagrams_to_send()                  -> [(datagram, endpoint)]
     next_deadline() / handle_timer(now)  -> every peer timer folded into one deadline
@@ -24,12 +26,15 @@ from tsproxy.noise import ikpsk2
 from tsproxy.noise.primitives import dh
 from tsproxy.wg.allowedips import AllowedIPs
 from tsproxy.wg.constants import (COOKIE_REFRESH_TIME, HANDSHAKE_INITIATION_RATE,
-                                  MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX,
-                                  UNDER_LOAD_HANDSHAKES_PER_SECOND, ZERO_KEYS_AFTER)
+                                  KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES, REJECT_AFTER_MESSAGES,
+                                  REJECT_AFTER_TIME, REKEY_ON_RECEIVE_AGE, REKEY_TIMEOUT,
+                                  REKEY_TIMEOUT_JITTER_MAX, UNDER_LOAD_HANDSHAKES_PER_SECOND,
+                                  ZERO_KEYS_AFTER)
 from tsproxy.wg.peer import Keypair, Peer
 
 _DATA_HDR = struct.Struct("<IIQ")        # type word, receiver index, counter
 _pack_data_hdr = _DATA_HDR.pack
+_pack_data_hdr_into = _DATA_HDR.pack_into
 _unpack_data_hdr = _DATA_HDR.unpack_from
 _NONCE = struct.Struct("<4xQ").pack
 _U16 = struct.Struct(">H").unpack_from
@@ -154,16 +159,16 @@ class WgDevice:
             return False
         v = packet[0] >> 4
         if v == 4:
-            peer = self.allowed.lookup_int(4, int.from_bytes(packet[16:20], "big"))
+            peer = self.allowed.lookup_packed(bytes(packet[16:20]))
         elif v == 6 and len(packet) >= 40:
-            peer = self.allowed.lookup_int(6, int.from_bytes(packet[24:40], "big"))
+            peer = self.allowed.lookup_packed(bytes(packet[24:40]))
         else:
             peer = None
         if peer is None:
             self.counters["tx_no_route"] += 1
             return False
         kp = peer.current
-        if kp is not None and kp.can_send(now):
+        if kp is not None and now - kp.created < REJECT_AFTER_TIME and kp.send_counter < REJECT_AFTER_MESSAGES:
             self._encrypt(peer, kp, packet, now)
             if peer.wants_rekey_on_send(kp, now):
                 self._initiate(peer, now)
@@ -175,25 +180,39 @@ class WgDevice:
         self._initiate(peer, now)
         return True
 
+    def send_packets(self, packets, now: float) -> None:
+        """A batch of IP packets (one wakeup's output of the netstack)."""
+        send = self.send_packet
+        for p in packets:
+            send(p, now)
+
     def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes, now: float) -> None:
-        counter = kp.send_counter
-        kp.send_counter = counter + 1
-        pad = -len(packet) & 15
-        if pad and len(packet) + pad > self.mtu:
-            pad = max(self.mtu - len(packet), 0)
-        if pad:
-            packet = packet + _ZERO_PAD[:pad]
-        ct = kp.send.encrypt(_NONCE(counter), packet, None)
         if peer.endpoint is None:
             self.counters["tx_no_endpoint"] += 1
             return
-        self._outbound.append((_pack_data_hdr(4, kp.remote_index, counter) + ct, peer.endpoint))
-        peer.tx_bytes += len(ct) + 16
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        n = len(packet)
+        pad = -n & 15
+        if pad and n + pad > self.mtu:
+            pad = max(self.mtu - n, 0)
+        if pad:
+            packet = packet + _ZERO_PAD[:pad]
+            n += pad
+        # header and ciphertext written into one buffer: no concatenation copy per packet
+        out = bytearray(16 + n + 16)
+        _pack_data_hdr_into(out, 0, 4, kp.remote_index, counter)
+        kp.send.encrypt_into(_NONCE(counter), packet, None, memoryview(out)[16:])
+        self._outbound.append((out, peer.endpoint))
+        peer.tx_bytes += n + 32
         peer.tx_packets += 1
-        peer.on_any_sent(now)
-        if packet:
+        peer.keepalive_at = None                     # peer.on_any_sent, inlined (hot path)
+        if peer.persistent_keepalive:
+            peer.persistent_at = now + peer.persistent_keepalive
+        if n:
             self.counters["tx_data"] += 1
-            peer.on_data_sent(now)
+            if peer.new_handshake_at is None:
+                peer.on_data_sent(now)
         else:
             self.counters["tx_keepalive"] += 1
 
@@ -269,6 +288,21 @@ class WgDevice:
         else:
             self.counters["rx_bad_type"] += 1
 
+    def receive_datagrams(self, datagrams, now: float) -> None:
+        """A batch [(data, addr), ...] (one wakeup's reads): the same as receive_datagram for
+        each, with the transport-data case handled without the dispatch."""
+        counters = self.counters
+        rx_data = self._receive_data
+        rx_other = self.receive_datagram
+        n_data = 0
+        for data, addr in datagrams:
+            if len(data) >= 32 and data[0] == 4 and data[1:4] == b"\0\0\0":
+                n_data += 1
+                rx_data(data, addr, now)
+            else:
+                rx_other(data, addr, now)
+        counters["rx_datagrams"] += n_data
+
     def _receive_data(self, data: bytes, addr, now: float) -> None:
         _, idx, counter = _unpack_data_hdr(data)
         owner = self._index.get(idx)
@@ -276,10 +310,11 @@ class WgDevice:
             self.counters["rx_unknown_index"] += 1
             return
         peer, kp = owner
-        if kp.replay.seen_or_too_old(counter):
+        replay = kp.replay
+        if replay.seen_or_too_old(counter):
             self.counters["rx_replay"] += 1
             return
-        if not kp.can_receive(now):
+        if now - kp.created >= REJECT_AFTER_TIME:
             self.counters["rx_expired_keypair"] += 1
             return
         try:
@@ -287,10 +322,11 @@ class WgDevice:
         except InvalidTag:
             self.counters["rx_decrypt_failed"] += 1
             return
-        if not kp.replay.accept(counter):
+        if not replay.accept(counter):
             self.counters["rx_replay"] += 1
             return
-        peer.endpoint = addr                         # roaming: authenticated source wins
+        if peer.endpoint != addr:
+            peer.endpoint = addr                     # roaming: authenticated source wins
         peer.rx_bytes += len(data)
         peer.rx_packets += 1
         if kp is peer.next:
@@ -299,8 +335,9 @@ class WgDevice:
                 staged, peer.staged = peer.staged, type(peer.staged)()
                 for pkt in staged:
                     self._encrypt(peer, kp, pkt, now)
-        peer.on_any_authenticated_received(now)
-        if peer.wants_rekey_on_receive(now):
+        peer.new_handshake_at = None                 # peer.on_any_authenticated_received
+        cur = peer.current
+        if cur is not None and cur.initiator and now - cur.created > REKEY_ON_RECEIVE_AGE:
             self._initiate(peer, now)
         if not plain:
             self.counters["rx_keepalive"] += 1
@@ -309,10 +346,10 @@ class WgDevice:
         v = plain[0] >> 4
         if v == 4 and len(plain) >= 20:
             size = _U16(plain, 2)[0]
-            src_owner = self.allowed.lookup_int(4, int.from_bytes(plain[12:16], "big"))
+            src_owner = self.allowed.lookup_packed(plain[12:16])
         elif v == 6 and len(plain) >= 40:
             size = 40 + _U16(plain, 4)[0]
-            src_owner = self.allowed.lookup_int(6, int.from_bytes(plain[8:24], "big"))
+            src_owner = self.allowed.lookup_packed(plain[8:24])
         else:
             self.counters["rx_bad_inner"] += 1
             return
@@ -323,7 +360,8 @@ class WgDevice:
             self.counters["rx_src_not_allowed"] += 1
             return
         self.counters["rx_data"] += 1
-        peer.on_data_received(now)
+        if peer.keepalive_at is None:                # peer.on_data_received
+            peer.keepalive_at = now + KEEPALIVE_TIMEOUT
         self._inbound.append(plain if size == len(plain) else plain[:size])
 
     def _under_load(self, now: float) -> bool:

@@ -1,7 +1,8 @@
 """Bidirectional byte relay between two stream pairs, with half-close and backpressure.
 
-Each direction reads at most 64 KiB, writes it and awaits drain() before reading again, so a
-slow side slows the other down instead of filling memory.  EOF on one side is passed on as
+Each direction reads at most 256 KiB, writes it and awaits drain() before reading again, so
+a slow side slows the other down instead of filling memory.  A small read from a tunnel
+stream waits one loop pass for what the next input batch brings (coalesced local writes).  EOF on one side is passed on as
 write_eof() and the other direction keeps going; an error on either side aborts both.
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 import asyncio
 
 CHUNK = 256 * 1024
+COALESCE = 64 * 1024        # below this, wait one loop pass for more from a tunnel stream...
+STREAMING = 2 * 1024        # ...unless it is less than a couple of segments: a message, not a
+                            # stream, so no added latency for request/response traffic
 
 
 def abort(writer) -> None:
@@ -23,10 +27,18 @@ def abort(writer) -> None:
 
 
 async def _pipe(src, dst, counter: list | None) -> None:
+    # a tunnel stream hands over what one input batch brought, often a few segments; one
+    # pass of the loop lets the next batch land so the local socket gets fewer, larger writes
+    read_nowait = getattr(src, "read_nowait", None)
     while True:
         data = await src.read(CHUNK)
         if not data:
             break
+        if read_nowait is not None and STREAMING <= len(data) < COALESCE:
+            await asyncio.sleep(0)
+            more = read_nowait(CHUNK - len(data))
+            if more:
+                data += more
         dst.write(data)
         if counter is not None:
             counter[0] += len(data)
