@@ -10,51 +10,18 @@ port 11080 lives in its own namespace, where its clients run.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import MB, Summary, curl_rate, ratio_line, reference_env, run_repeated, save_results  # noqa: E402
+from bench.common import conn_rate as common_conn_rate  # noqa: E402
 from tsproxy.testing.wgpeer import PEER_IP4  # noqa: E402
-
-# one connection-rate run: N SOCKS5 CONNECTs to the peer's TCP echo, C at a time
-CONN_CLIENT = r'''
-import asyncio, json, socket, struct, sys, time
-port, n, c, dst = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-async def one(lat):
-    t0 = time.perf_counter()
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton(dst) + struct.pack("!H", 7))
-    hello = await r.readexactly(2 + 10)
-    assert hello[1] == 0 and hello[3] == 0, hello
-    w.write(b"x")
-    assert await r.readexactly(1) == b"x"
-    w.close()
-    lat.append(time.perf_counter() - t0)
-async def main():
-    lat, sem = [], asyncio.Semaphore(c)
-    async def guarded():
-        async with sem:
-            await one(lat)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(guarded() for _ in range(n)))
-    wall = time.perf_counter() - t0
-    lat.sort()
-    print(json.dumps({"rate": n / wall, "p50": lat[len(lat) // 2] * 1e3, "p99": lat[int(len(lat) * 0.99) - 1] * 1e3}))
-asyncio.run(main())
-'''
 
 
 def conn_rate(port, n, c, ns=None):
-    cmd = (["ip", "netns", "exec", ns] if ns else []) + [sys.executable, "-c", CONN_CLIENT, str(port), str(n),
-                                                          str(c), PEER_IP4]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if p.returncode != 0:
-        raise RuntimeError(p.stderr.strip()[-300:])
-    return json.loads(p.stdout)
+    return common_conn_rate(port, n, c, PEER_IP4, 7, ns=ns)
 
 
 def main():
