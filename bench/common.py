@@ -230,7 +230,8 @@ def parallel_rate(argv_list: list[list[str]], ns: str | None = None, timeout: fl
 
 
 # connections per second: N SOCKS5 CONNECTs, C at a time, each doing one small exchange
-# (echo: 1 byte to a TCP echo server; http: one GET / answered and closed by the server);
+# (echo: 1 byte to a TCP echo server; http: one GET /, the client closing after the answer: a
+# server closing first keeps the 4-tuple in TIME_WAIT, and a reused random port then fails);
 # a connection that fails is counted (with the first error), never retried
 CONN_CLIENT = r'''
 import asyncio, json, socket, struct, sys, time
@@ -249,11 +250,14 @@ async def one(lat):
         if mode == "echo":
             w.write(b"x")
             assert await r.readexactly(1) == b"x"
-        else:
-            w.write(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            body = await r.read()
-            if not body.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"HTTP answer {body[:40]!r}")
+        else:       # read the whole answer, then close first (TIME_WAIT stays on our side)
+            w.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            head = await r.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"HTTP answer {head[:40]!r}")
+            length = [int(x.split(b":")[1]) for x in head.lower().split(b"\r\n")
+                      if x.startswith(b"content-length:")]
+            await r.readexactly(length[0])
     finally:
         w.close()
     lat.append(time.perf_counter() - t0)
