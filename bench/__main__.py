@@ -74,6 +74,17 @@ def _version(cmd: list[str]) -> str:
         return f"unknown ({type(e).__name__})"
 
 
+def egress_check() -> str:
+    """What the tsproxy daemons did on the host that they must not (the tests' egress guard:
+    direct dials, host-resolver lookups, queries to the stub resolver)."""
+    from tests.conftest import Daemon, stub_resolver
+    bad = list(Daemon.violations)
+    stub = stub_resolver()
+    if stub is not None and stub.queries:
+        bad.append(f"the stub resolver got {len(stub.queries)} queries: {stub.queries[:5]}")
+    return "none (no direct dial, no host name lookup)" if not bad else "; ".join(bad)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if os.geteuid() != 0:
@@ -103,6 +114,7 @@ def main(argv=None) -> int:
     tn = a.groups & set(suite_tailnet.GROUPS)
     if tn:
         suite_tailnet.run(tn, cases, size=a.size * MB, runs=a.runs, conns=a.conns, log=log)
+    notes["egress check"] = egress_check()
     notes["load average (1/5/15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     notes["duration"] = f"{(time.monotonic() - t0) / 60:.1f} min"
     for d in {os.path.dirname(os.path.abspath(p)) for p in (a.out, a.chart)}:

@@ -183,11 +183,13 @@ def chart_points(cases: list[Case]) -> list[tuple[str, float, float | None, str]
         r = ratio(c)
         if r is None:
             continue
-        _, status = verdict(c, by_key)
+        v, status = verdict(c, by_key)
         thr = c.target.value if c.target is not None and c.target.basis == "ref" else None
         arrow = "higher" if c.higher_is_better else "lower"
-        mode = c.group.split(" ")[0]
-        pts.append((f"{mode}: {c.title} ({arrow} is better)", r, thr, status))
+        label = f"{c.group.split(' ')[0]}: {c.title} ({arrow} is better)"
+        if c.target is not None and thr is None:     # the colour is about another number
+            label += f"\n[target {c.target.text(c.ours.unit)}: is {fmt_num(v)}]"
+        pts.append((label, r, thr, status))
     return pts
 
 
@@ -198,7 +200,7 @@ def write_chart(cases: list[Case], path: str, title: str = "tsproxy / anchor (me
     import matplotlib.pyplot as plt
     pts = chart_points(cases)
     colours = {PASS: "#2e7d32", MISS: "#c62828", "": "#78909c"}
-    fig, ax = plt.subplots(figsize=(10, 0.32 * max(len(pts), 4) + 1.4), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 0.34 * max(len(pts), 4) + 1.4), dpi=100)
     ys = list(range(len(pts)))[::-1]
     for y, (label, r, thr, status) in zip(ys, pts):
         ax.barh(y, r, color=colours.get(status, "#78909c"), height=0.7)
@@ -207,7 +209,7 @@ def write_chart(cases: list[Case], path: str, title: str = "tsproxy / anchor (me
             ax.plot([thr, thr], [y - 0.4, y + 0.4], color="black", linewidth=2)
     ax.axvline(1.0, color="#555555", linestyle=":", linewidth=1)
     ax.set_yticks(ys)
-    ax.set_yticklabels([p[0] for p in pts], fontsize=8)
+    ax.set_yticklabels([p[0] for p in pts], fontsize=7)
     ax.set_xlabel("tsproxy median / anchor median  (black tick: target; green PASS, red MISS, "
                   "grey no target)", fontsize=8)
     ax.set_title(title, fontsize=10)

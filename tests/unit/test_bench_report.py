@@ -97,7 +97,11 @@ def test_write_chart_draws_a_png_with_every_ratio(tmp_path):
     assert [p[0] for p in pts] == [f"WireGuard: case {i} (higher is better)" for i in range(6)]
     assert pts[1] == ("WireGuard: case 1 (higher is better)", 1.0, 1.0, PASS)
     assert pts[0][2:] == (None, "")
-    path = report.write_chart(cases, str(tmp_path / "chart.png"))
+    rss = _case("RSS idle", [37.25], [39.6], Target("<=", 50, "abs"), higher=False, unit="MB")
+    assert report.chart_points([rss]) == [
+        ("WireGuard: RSS idle (lower is better)\n[target <= 50 MB: is 37.2]",
+         pytest.approx(37.25 / 39.6), None, PASS)]
+    path = report.write_chart(cases + [rss], str(tmp_path / "chart.png"))
     w, h = _png_size(open(path, "rb").read())
     assert w == 1000 and h > 300
 
