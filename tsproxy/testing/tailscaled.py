@@ -112,6 +112,25 @@ class Tailscaled:
                              f"127.0.0.1:{self.socks_port}", *args, url], check=False,
                             timeout=timeout + 5)
 
+    def status(self) -> dict:
+        """`tailscale status --json` ({} when the daemon does not answer)."""
+        import json
+        r = self.cli("status", "--json", timeout=20)
+        try:
+            return json.loads(r.stdout) if r.returncode == 0 else {}
+        except ValueError:
+            return {}
+
+    def peer_path(self, ip: str) -> str:
+        """'direct ADDR' or 'derp REGION' for the peer holding tailnet address `ip` ('' when
+        the peer is unknown or has no path yet), as tsproxy's status words it."""
+        for p in (self.status().get("Peer") or {}).values():
+            if ip in (p.get("TailscaleIPs") or []):
+                if p.get("CurAddr"):
+                    return f"direct {p['CurAddr']}"
+                return f"derp {p['Relay']}" if p.get("Relay") else ""
+        return ""
+
     def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
