@@ -98,13 +98,16 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
     return r
 
 
-def settle(d: Daemon, base_fds: int, timeout: float = 60.0) -> dict:
-    """Wait (under a deadline) until the daemon's fds are back near the baseline; returns the
-    snapshot then (whatever it is: a leak shows in the report)."""
-    deadline = time.monotonic() + timeout
+def settle(d: Daemon, base: dict, timeout: float = 60.0) -> dict:
+    """Wait (under a deadline) until the daemon's fds and asyncio tasks are back near the
+    baseline; returns the snapshot then, with how long it took (whatever it is: a leak shows
+    in the report)."""
+    t0 = time.monotonic()
     while True:
         s = snapshot(d)
-        if s["fds"] <= base_fds + 2 or time.monotonic() > deadline:
+        s["settle_s"] = round(time.monotonic() - t0, 1)
+        if (s["fds"] <= base["fds"] + 2 and s["asyncio_tasks"] <= base["asyncio_tasks"] + 2) \
+                or time.monotonic() - t0 > timeout:
             return s
         time.sleep(0.5)
 
@@ -140,8 +143,8 @@ def run_mode(mode: str, a, work: str) -> dict:
             print(f"  [{mode}] round {i + 1}: {r['ok']}/{r['transfers']} ok, {r['rate_MBps']:.1f} MB/s, "
                   f"{r['seconds']:.1f} s, max gap {r['max_gap_s']:.2f} s, "
                   f"socket drops {r['tsproxy_socket_drops']}", flush=True)
-            settle(d, baseline["fds"])
-        final = settle(d, baseline["fds"])
+            r["after"] = settle(d, baseline)
+        final = settle(d, baseline)
         return {"mode": mode, "conns": a.conns, "size": a.size, "udp_port": udp_port,
                 "baseline": baseline, "final": final, "rounds": rounds}
     finally:
