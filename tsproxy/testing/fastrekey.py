@@ -21,13 +21,16 @@ def apply(seconds: float) -> None:
     constants.REKEY_AFTER_TIME = peer.REKEY_AFTER_TIME = float(seconds)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
+    """Set the timer, then run `python -m tsproxy ARGS...` in this process (runpy: the program
+    as a user starts it, so the testing layer does not import the CLI)."""
     if not argv:
         raise SystemExit(__doc__)
     apply(float(argv[0]))
-    from tsproxy.cli import main as cli_main
-    return cli_main(argv[1:])
+    import runpy
+    sys.argv = ["tsproxy", *argv[1:]]
+    runpy.run_module("tsproxy", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    main(sys.argv[1:])
