@@ -48,7 +48,8 @@ def snapshot(d: Daemon) -> dict:
     return {"fds": loadgen.proc_fds(pid), "rss_MB": loadgen.proc_rss(pid) / 1e6,
             "asyncio_tasks": proc.get("asyncio_tasks"), "udp_buffers": proc.get("udp_buffers"),
             "counters": {k: v for k, v in st["counters"].items()
-                         if k in COUNTER_KEYS or "rto" in k or "drop" in k}}
+                         if k in COUNTER_KEYS or k.startswith(("proxy.", "dialer."))
+                         or any(w in k for w in ("rto", "drop", "fail", "timeout", "reset"))}}
 
 
 class Sampler(threading.Thread):
