@@ -19,12 +19,9 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from tsproxy.testing.servers import pattern_sha256
-
-KINDS = ("socks5", "http", "connect")
-
 
 @dataclass
 class Transfer:
@@ -56,24 +53,20 @@ def _head_end(buf: bytes | bytearray) -> int:
     return -1 if i < 0 else i + 4
 
 
-async def _read_exact(reader: asyncio.StreamReader, n: int) -> bytes:
-    return await reader.readexactly(n)
-
-
 async def _socks5(reader, writer, host: str, port: int) -> None:
     writer.write(b"\x05\x01\x00")
-    if await _read_exact(reader, 2) != b"\x05\x00":
+    if await reader.readexactly(2) != b"\x05\x00":
         raise RuntimeError("SOCKS5 greeting refused")
     h = host.encode()
     writer.write(b"\x05\x01\x00\x03" + bytes([len(h)]) + h + struct.pack("!H", port))
-    rep = await _read_exact(reader, 4)
+    rep = await reader.readexactly(4)
     if rep[1] != 0:
         raise RuntimeError(f"SOCKS5 reply {rep[1]}")
     atyp = rep[3]
     n = {1: 4, 4: 16}.get(atyp)
     if n is None:
-        n = (await _read_exact(reader, 1))[0]
-    await _read_exact(reader, n + 2)
+        n = (await reader.readexactly(1))[0]
+    await reader.readexactly(n + 2)
 
 
 async def _connect(reader, writer, host: str, port: int) -> None:
