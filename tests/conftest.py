@@ -79,12 +79,13 @@ class Daemon:
         self.allow_host_resolve = allow_host_resolve
         self.log_path = os.path.join(state_dir, "test-daemon.log")
         self.proc = None
+        self.entry = ["-m", "tsproxy"]     # e.g. ["-m", "tsproxy.testing.fastrekey", "10"]
 
     def start(self, timeout: float = 20.0) -> "Daemon":
         """Running within `timeout`, or stopped (never left behind) and RuntimeError."""
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "tsproxy", "up", "--foreground", "--state-dir", self.state_dir,
+        cmd = [sys.executable, *self.entry, "up", "--foreground", "--state-dir", self.state_dir,
                *self.args]
         stub = stub_resolver()
         self.proc = subprocess.Popen(stub.wrap(cmd) if stub else cmd,

@@ -434,6 +434,7 @@ class Node:
                    "wireguard_port": plane.udp.port if plane and plane.udp and not self._closed else None,
                    "peers": plane.peer_status() if plane else []}
             sources = plane.counter_sources() if plane else []
+        out["process"] = self._process_status()
         counters = {}
         for prefix, obj in sources + [(f"proxy.{k}", s) for k, s in self.servers]:
             for k, v in dict(getattr(obj, "counters", None) or {}).items():
@@ -441,6 +442,12 @@ class Node:
                     counters[f"{prefix}.{k}"] = counters.get(f"{prefix}.{k}", 0) + v
         out["counters"] = counters
         return out
+
+    def _process_status(self) -> dict:
+        from tsproxy.aio import process_status
+        plane = self.tailnet.magic if self.tailnet is not None else self.wgplane
+        plane = getattr(plane, "udp", plane)
+        return process_status(getattr(plane, "sock", None))
 
     def peers(self) -> list[dict]:
         """One row per peer (name, fqdn, addresses, online, path, ...), as in status()."""

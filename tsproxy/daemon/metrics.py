@@ -103,6 +103,12 @@ def render(daemon) -> str:
     if daemon.tailnet is not None:
         _tailnet(daemon, st, out)
     _process(out)
+    proc = st.get("process") or {}
+    out.metric("tsproxy_asyncio_tasks", "gauge", "asyncio tasks alive in the daemon.",
+               [({}, proc.get("asyncio_tasks", 0))])
+    out.metric("tsproxy_udp_socket_buffer_bytes", "gauge",
+               "Kernel buffer of the WireGuard UDP socket, as granted (Linux doubles the request).",
+               [({"direction": k}, v) for k, v in (proc.get("udp_buffers") or {}).items()])
     return out.text()
 
 

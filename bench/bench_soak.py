@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Soak (issue 12 item 5): mixed traffic through one tsproxy daemon for --minutes across several
+WireGuard rekeys, in plain WireGuard mode against the wireguard-go peer.
+
+    sudo .venv/bin/python bench/bench_soak.py --minutes 10            # rekey every 30 s
+    sudo .venv/bin/python bench/bench_soak.py --minutes 10 --rekey-after 0   # protocol's 120 s
+
+Traffic (tsproxy.testing.soak): bulk downloads (20 MB each, again and again, SOCKS5 and HTTP),
+many short connections (1 kB; SOCKS5 by name `peer.tunnel.test`, resolved by the daemon through
+the tunnel's DNS server, HTTP GET and CONNECT), UDP datagrams to the peer's echo server and DNS
+queries to its DNS server through UDP forwards.  Every transfer is checked (length + sha256).
+`--rekey-after S` runs the daemon through tsproxy.testing.fastrekey (REKEY_AFTER_TIME = S).
+
+Reports: transfers ok/failed (with errors), the longest gap between two chunks of any transfer
+(goal < 1 s) and the longest wait for a first byte, UDP answers lost, rekeys (completed
+handshakes), RSS over time (goal: flat), fds and asyncio tasks, drops on tsproxy's UDP socket.
+Writes bench/results/soak-<UTC>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import RESULTS_DIR, _git_commit  # noqa: E402
+from tests.conftest import Daemon, free_port  # noqa: E402
+from tsproxy.testing import loadgen, soak  # noqa: E402
+from tsproxy.testing.wgpeer import PEER_IP4, WireGuardPeer  # noqa: E402
+
+
+def sampler(d: Daemon, udp_port: int):
+    def sample() -> dict:
+        st = d.status()
+        pid = st["pid"]
+        return {"rss_MB": round(loadgen.proc_rss(pid) / 1e6, 1), "fds": loadgen.proc_fds(pid),
+                "tasks": st["process"]["asyncio_tasks"],
+                "handshakes": sum(p.get("handshakes", 0) for p in st["peers"]),
+                "rto": st["counters"].get("netstack.tcp_rto", 0),
+                "socket_drops": loadgen.udp_socket_drops(udp_port)}
+    return sample
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--rekey-after", type=float, default=30.0,
+                    help="seconds between rekeys (0: the protocol's 120 s)")
+    ap.add_argument("--bulk", type=int, default=4)
+    ap.add_argument("--bulk-mb", type=int, default=20)
+    ap.add_argument("--short", type=int, default=6)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("benches need root (network namespaces)")
+    work = tempfile.mkdtemp(prefix="tsp-bench-soak-")
+    peer = WireGuardPeer(os.path.join(work, "wgpeer")).start()
+    port, echo, dns = free_port(), free_port(), free_port()
+    d = Daemon(os.path.join(work, "daemon"), [
+        "--wg-config", peer.write_client_conf(dns=True), "--listen", f"127.0.0.1:{port}",
+        "--forward", f"udp:{echo}:{PEER_IP4}:7", "--forward", f"udp:{dns}:{PEER_IP4}:53"])
+    if a.rekey_after:
+        d.entry = ["-m", "tsproxy.testing.fastrekey", str(a.rekey_after)]
+    try:
+        d.start(timeout=60)
+        udp_port = d.status()["wireguard_port"]
+        sample = sampler(d, udp_port)
+        rep = asyncio.run(soak.run(proxy_port=port, host=PEER_IP4, seconds=a.minutes * 60,
+                                   bulk=a.bulk, bulk_size=a.bulk_mb * 1_000_000, short=a.short,
+                                   short_host="peer.tunnel.test", echo_port=echo, dns_port=dns,
+                                   sample=sample, every=10.0))
+        final = sample()
+    finally:
+        d.stop()
+        peer.stop()
+    s = rep["samples"]
+    warm = next((x for x in s if x["t"] >= 60), s[0])
+    rss = [x["rss_MB"] for x in s]
+    rep.update({
+        "rekeys": s[-1]["handshakes"] - s[0]["handshakes"], "final": final,
+        "rss_MB_first_minute": warm["rss_MB"], "rss_MB_last": s[-1]["rss_MB"], "rss_MB_max": max(rss),
+        "socket_drops": s[-1]["socket_drops"] - s[0]["socket_drops"], "rto": s[-1]["rto"] - s[0]["rto"]})
+    print(f"soak {a.minutes:g} min, rekey every {a.rekey_after or 120:g} s, "
+          f"{a.bulk} bulk x {a.bulk_mb} MB + {a.short} short workers + UDP echo/DNS")
+    print(f"  transfers: bulk {rep['bulk_ok']} ok, short {rep['short_ok']} ok, {rep['failed']} failed"
+          f"{': ' + str(rep['failures'][:5]) if rep['failed'] else ''}")
+    print(f"  bulk bytes {rep['bulk_bytes'] / 1e6:.0f} MB ({rep['bulk_bytes'] / 1e6 / rep['seconds']:.1f} MB/s)")
+    print(f"  longest gap between chunks {rep['max_gap_s']:.2f} s (at {rep['max_gap_at_s']} s), "
+          f"longest first byte {rep['max_first_byte_s']:.2f} s")
+    print(f"  UDP echo {rep['udp_echo_ok']}/{rep['udp_echo_sent']} ok ({rep['udp_echo_lost']} lost), "
+          f"DNS {rep['udp_dns_ok']}/{rep['udp_dns_sent']} ok ({rep['udp_dns_lost']} lost), "
+          f"max RTT {rep['udp_max_rtt_s']:.2f} s")
+    print(f"  rekeys (handshakes completed) {rep['rekeys']}, RTOs {rep['rto']}, "
+          f"tsproxy socket drops {rep['socket_drops']}")
+    print(f"  RSS MB: after 1 min {rep['rss_MB_first_minute']}, last {rep['rss_MB_last']}, "
+          f"max {rep['rss_MB_max']}; fds {s[0]['fds']} -> {final['fds']}, tasks {s[0]['tasks']} -> {final['tasks']}")
+    print("  RSS over time (s: MB): " + ", ".join(f"{x['t']:.0f}: {x['rss_MB']}" for x in s[::3]))
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(RESULTS_DIR, f"soak-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"bench": "soak", "utc": stamp, "commit": _git_commit(), "cpus": os.cpu_count(),
+                   "loadavg": os.getloadavg(), "args": vars(a), **rep}, f, indent=1)
+    print(f"wrote {path}")
+    return 1 if rep["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
