@@ -33,6 +33,7 @@ class DeadlineTimer:
         self._callback = callback
         self._handle: asyncio.TimerHandle | None = None
         self._at: float | None = None
+        self.fired_at: float | None = None   # the deadline the last callback was armed for
 
     def arm(self, deadline: float | None) -> None:
         if deadline is None:
@@ -45,6 +46,7 @@ class DeadlineTimer:
         self._handle = self._loop.call_at(deadline, self._fire)
 
     def _fire(self) -> None:
+        self.fired_at = self._at
         self._handle = self._at = None
         self._callback()
 

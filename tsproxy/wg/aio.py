@@ -82,16 +82,21 @@ class DeviceLoop:
     def _on_timer(self) -> None:
         if self.closed:
             return
-        now = self.loop.time()
+        # a loop may fire a timer a hair early; the deadline it was armed for has come
+        now = max(self.loop.time(), self._timer.fired_at or 0.0)
         self.device.handle_timer(now)
         self.bind.handle_timer(now)
         self._after_input()
 
+    def stop(self) -> None:
+        """No more timers or sends (the bind closes itself)."""
+        self.closed = True
+        self._timer.cancel()
+
     async def aclose(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        self._timer.cancel()
+        self.stop()
         await self.bind.aclose()
 
 
