@@ -57,6 +57,21 @@ def test_datagrams_arrive_whole_and_in_order(gso, gro):
         rx.close()
 
 
+def test_dual_stack_socket_segments_to_an_ipv4_peer():
+    tx = UdpBatchSocket(bind_udp(None, 0))          # AF_INET6, v4-mapped destinations
+    rx = UdpBatchSocket(bind_udp("127.0.0.1", 0))
+    try:
+        data = _burst(8, 1000)
+        assert tx.send_batch([(d, ("127.0.0.1", rx.port)) for d in data]) == len(data)
+        got = _drain(rx, len(data))
+        assert [d for d, _ in got] == data and got[0][1] == ("127.0.0.1", tx.port)
+        if LINUX:
+            assert tx.counters["tx_gso_sends"] == 1 and tx.gso
+    finally:
+        tx.close()
+        rx.close()
+
+
 def test_gro_slices_are_views_of_one_copy():
     tx = UdpBatchSocket(bind_udp("127.0.0.1", 0))
     rx = UdpBatchSocket(bind_udp("127.0.0.1", 0))

@@ -218,8 +218,9 @@ class MagicConn:
                 self._refresh_endpoints()
             if self._next_derp_clean is not None and now >= self._next_derp_clean:
                 self._close_idle_derps(now)
-        except Exception:                      # a bug here must not stop the timer
+        except Exception:                      # a bug here must not stop (or spin) the timer
             log.exception("magicsock timer failed")
+            self.core.postpone_timers(now + 1.0)
         self._drain()
 
     # -- configuration ---------------------------------------------------------------------------

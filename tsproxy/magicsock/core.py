@@ -383,6 +383,10 @@ class MagicCore:
         """The earliest path timer (heartbeat, ping timeout); may be early, never late."""
         return self._deadline
 
+    def postpone_timers(self, until: float) -> None:
+        """After a failed handle_timer: try again at `until` rather than at once."""
+        self._deadline = until
+
     def handle_timer(self, now: float) -> None:
         if self._deadline is None or now < self._deadline:
             return
