@@ -167,6 +167,8 @@ UDP_GRO = 104                     # linux/udp.h: setsockopt + recvmsg cmsg with 
 GSO_MAX_SEGMENTS = 64             # UDP_MAX_SEGMENTS in older kernels (newer allow 128)
 GSO_MAX_BYTES = 65000             # one UDP datagram's payload limit, with headroom
 RECV_BUFFER = 65536               # a GRO buffer holds at most 64 KiB
+GRO_IDLE_LIMIT = 4096             # datagrams read with GRO on but none coalesced: pause GRO
+GRO_RETRY_AFTER = 1 << 20         # datagrams read with GRO paused before trying it again
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _SEG_SIZE = struct.Struct("=H").pack
 
@@ -184,6 +186,11 @@ class UdpBatchSocket:
     call for the run, gathered from the caller's buffers without joining them.  A kernel or
     device that refuses GSO (EIO, EINVAL, ENOPROTOOPT...) switches it off for this socket and the
     run is sent one datagram at a time; `gro=False, gso=False` forces the plain path.
+
+    recvmsg costs about a microsecond more per call than recvfrom, so where the path never
+    coalesces (most NICs and veth without GRO forwarding) GRO is paused after GRO_IDLE_LIMIT
+    datagrams and tried again after GRO_RETRY_AFTER.  Buffers the kernel coalesced before the
+    pause are still read with recvmsg: the switch to recvfrom waits for the queue to run dry.
     """
 
     def __init__(self, sock: socket.socket, *, gro: bool = True, gso: bool = True):
@@ -192,8 +199,11 @@ class UdpBatchSocket:
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
         self.gro = gro and _enable_gro(sock)
+        self._gro_capable = self.gro
+        self._gro_draining = False         # paused, but coalesced buffers may still be queued
+        self._gro_idle = 0                 # datagrams since the last coalesced buffer / the pause
         self.gso = gso and _gso_available(sock)
-        self.counters = {"rx_datagrams": 0, "rx_gro_buffers": 0, "rx_errors": 0,
+        self.counters = {"rx_datagrams": 0, "rx_gro_buffers": 0, "rx_errors": 0, "gro_paused": 0,
                          "tx_datagrams": 0, "tx_gso_sends": 0, "tx_errors": 0, "gso_disabled": 0}
 
     def fileno(self) -> int:
@@ -209,7 +219,8 @@ class UdpBatchSocket:
         norm = self.addrs.norm
         buf, view = self._buf, self._view
         sock = self.sock
-        gro = self.gro
+        gro = self.gro or self._gro_draining
+        coalesced = 0
         while len(out) < limit:
             try:
                 if gro:
@@ -218,6 +229,7 @@ class UdpBatchSocket:
                     n, raw = sock.recvfrom_into(buf)
                     anc = None
             except (BlockingIOError, InterruptedError):
+                self._gro_draining = False        # the queue ran dry: recvfrom from now on
                 break
             except OSError:                       # e.g. an ICMP error queued on the socket
                 self.counters["rx_errors"] += 1
@@ -225,14 +237,30 @@ class UdpBatchSocket:
             addr = norm(raw)
             seg = _gro_segment(anc) if anc else 0
             if seg and n > seg:
-                self.counters["rx_gro_buffers"] += 1
+                coalesced += 1
                 whole = memoryview(bytes(view[:n]))
                 for off in range(0, n, seg):
                     append((whole[off:off + seg], addr))
             else:
                 append((bytes(view[:n]), addr))
         self.counters["rx_datagrams"] += len(out)
+        if self._gro_capable:
+            self._gro_account(len(out), coalesced)
         return out
+
+    def _gro_account(self, n: int, coalesced: int) -> None:
+        if coalesced:
+            self.counters["rx_gro_buffers"] += coalesced
+            self._gro_idle = 0
+            return
+        self._gro_idle += n
+        if self.gro and self._gro_idle >= GRO_IDLE_LIMIT:
+            if _set_gro(self.sock, False):
+                self.gro, self._gro_draining, self._gro_idle = False, True, 0
+                self.counters["gro_paused"] += 1
+        elif not self.gro and self._gro_idle >= GRO_RETRY_AFTER:
+            self._gro_idle = 0
+            self.gro = _set_gro(self.sock, True)
 
     def send_batch(self, datagrams) -> int:
         """Send [(data, (ip, port))]; returns how many went out (the rest are counted errors)."""
@@ -299,12 +327,16 @@ class UdpBatchSocket:
 _GSO_REFUSED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
-def _enable_gro(sock: socket.socket) -> bool:
+def _set_gro(sock: socket.socket, on: bool) -> bool:
     try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1 if on else 0)
         return True
     except OSError:
         return False
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    return _set_gro(sock, True)
 
 
 def _gso_available(sock: socket.socket) -> bool:

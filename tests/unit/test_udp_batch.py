@@ -98,11 +98,12 @@ class FakeSock:
 
     def __init__(self, fail_gso=None, recv=()):
         self.calls = []
+        self.opts = []
         self.fail_gso = fail_gso
         self.recv = list(recv)
 
     def setsockopt(self, *a):
-        pass
+        self.opts.append(a)
 
     def getsockopt(self, *a):
         return 0
@@ -122,7 +123,17 @@ class FakeSock:
             raise BlockingIOError
         data, anc, addr = self.recv.pop(0)
         bufs[0][:len(data)] = data
+        self.calls.append(("recvmsg", len(data)))
         return len(data), anc, 0, addr
+
+    def recvfrom_into(self, buf):
+        if not self.recv:
+            raise BlockingIOError
+        data, anc, addr = self.recv.pop(0)
+        assert not anc, "a coalesced buffer read without its segment size"
+        buf[:len(data)] = data
+        self.calls.append(("recvfrom", len(data)))
+        return len(data), addr
 
 
 def test_runs_split_on_address_size_and_segment_limit():
@@ -174,3 +185,35 @@ def test_recv_limit_leaves_the_rest_for_the_next_call():
     src = ("10.0.0.9", 9)
     s = UdpBatchSocket(FakeSock(recv=[(b"%d" % i, [], src) for i in range(5)]))
     assert len(s.recv_batch(3)) == 3 and len(s.recv_batch(3)) == 2 and s.recv_batch(3) == []
+
+
+def test_gro_pauses_where_nothing_coalesces_and_drains_before_switching(monkeypatch):
+    monkeypatch.setattr(aio, "GRO_IDLE_LIMIT", 10)
+    monkeypatch.setattr(aio, "GRO_RETRY_AFTER", 30)
+    src = ("10.0.0.9", 9)
+    seg = [(aio.SOL_UDP, aio.UDP_GRO, struct.pack("=i", 4))]
+    sock = FakeSock(recv=[(b"p%03d" % i, [], src) for i in range(10)])
+    s = UdpBatchSocket(sock)
+    assert s.gro and len(s.recv_batch(100)) == 10
+    assert not s.gro and s.counters["gro_paused"] == 1      # nothing coalesced: paused
+    assert sock.opts[-1] == (aio.SOL_UDP, aio.UDP_GRO, 0)
+    # a buffer coalesced before the pause is still split (recvmsg until the queue is dry) ...
+    sock.recv = [(b"aaaabbbb", seg, src)]
+    sock.calls.clear()
+    assert [bytes(d) for d, _ in s.recv_batch(100)] == [b"aaaa", b"bbbb"]
+    assert [c[0] for c in sock.calls] == ["recvmsg"]
+    # ... then plain recvfrom; after GRO_RETRY_AFTER datagrams GRO is tried again
+    sock.recv = [(b"q%03d" % i, [], src) for i in range(30)]
+    sock.calls.clear()
+    assert len(s.recv_batch(100)) == 30
+    assert {c[0] for c in sock.calls} == {"recvfrom"}
+    assert s.gro and sock.opts[-1] == (aio.SOL_UDP, aio.UDP_GRO, 1)
+
+
+def test_gro_stays_on_while_buffers_coalesce(monkeypatch):
+    monkeypatch.setattr(aio, "GRO_IDLE_LIMIT", 4)
+    src = ("10.0.0.9", 9)
+    seg = [(aio.SOL_UDP, aio.UDP_GRO, struct.pack("=i", 2))]
+    sock = FakeSock(recv=[(b"xxyy", seg, src)] * 20)
+    s = UdpBatchSocket(sock)
+    assert len(s.recv_batch(1000)) == 40 and s.gro and s.counters["gro_paused"] == 0

@@ -31,7 +31,7 @@ from typing import Callable
 from tsproxy.aio import UdpBatchSocket, bind_udp
 from tsproxy.derp.aio import DerpConnection, https_latency
 from tsproxy.magicsock.core import MagicCore, MagicPeer, fmt_addr, needs_dns, region_stun_targets
-from tsproxy.wg.aio import MAX_PER_WAKEUP, DeviceLoop
+from tsproxy.wg.aio import MAX_PER_WAKEUP, RECV_CHUNK, DeviceLoop
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,18 @@ class MagicConn:
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        batch = self.io.recv_batch(MAX_PER_WAKEUP)
-        if not batch:
-            return
+        # read and decrypt in chunks (the data is still in cache), hand packets up once
+        recv, sink, core = self.io.recv_batch, self._sink, self.core
         now = self.loop.time()
-        core = self.core
+        total = 0
+        while True:
+            batch = recv(RECV_CHUNK)
+            total += len(batch)
+            if len(batch) < RECV_CHUNK or total >= MAX_PER_WAKEUP:
+                break
+            sink.feed(core.receive_datagrams(batch, now), now)
+        if not total:
+            return
         wg = core.receive_datagrams(batch, now)
         if core.stun_answered:
             core.stun_answered = False

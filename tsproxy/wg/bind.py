@@ -9,8 +9,10 @@ A `DeviceLoop` (wg/aio.py) owns one device and one bind and runs
 
 A bind pushes what it reads in batches of `(datagram, endpoint)`; the endpoint is whatever the
 bind understands in `send` (an `(ip, port)` tuple for UDP, a peer object for magicsock).  The
-bind never calls the device itself; it asks its sink (the loop) to `receive` a batch, to `flush`
-after its own output, or to `rearm` when one of its deadlines moved earlier.
+bind never calls the device itself; it asks its sink (the loop) to `feed` it batches while the
+socket has more (decrypted while the data is in cache) and to `receive` the wakeup's last one
+(packets go up, output goes down), to `flush` after its own output, or to `rearm` when one of its
+deadlines moved earlier.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Protocol
 
 
 class BindSink(Protocol):
-    def receive(self, batch: list, now: float) -> None: ...
+    def feed(self, batch: list, now: float) -> None: ...          # more follows this wakeup
+    def receive(self, batch: list, now: float) -> None: ...       # the wakeup's last batch
     def flush(self) -> None: ...
     def rearm(self) -> None: ...
 
