@@ -163,3 +163,25 @@ def test_device_loop_runs_the_bind_deadline_on_its_one_timer():
         await dl.aclose()
         assert dl.closed
     asyncio.run(main())
+
+
+def test_handshake_and_data_from_memoryview_slices():
+    """GRO hands the device memoryview slices of one buffer, handshakes included."""
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    a, b = WgDevice(ka, now=0.0), WgDevice(kb, now=0.0)
+    A, B = ("192.0.2.1", 1), ("192.0.2.2", 2)
+    a.add_peer(kb.public(), allowed_ips=[ipaddress.ip_network("10.0.0.2/32")], endpoint=B)
+    b.add_peer(ka.public(), allowed_ips=[ipaddress.ip_network("10.0.0.1/32")], endpoint=A)
+    pkt = ip4("10.0.0.1", "10.0.0.2", b"via views")
+    a.send_packet(pkt, 0.0)
+    for _ in range(3):
+        buf = b"".join(d for d, _ in a.datagrams_to_send())
+        views, off = [], 0
+        for n in (148, 32 + 48):                  # initiation, then the staged data message
+            if off < len(buf):
+                views.append((memoryview(buf)[off:off + n], A))
+                off += n
+        b.receive_datagrams(views, 0.1)
+        a.receive_datagrams([(memoryview(d), B) for d, _ in b.datagrams_to_send()], 0.1)
+    assert b.take_packets() == [pkt]
+    assert a.counters["handshake_completed"] == 1 and b.counters["handshake_completed"] == 1

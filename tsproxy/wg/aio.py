@@ -42,12 +42,9 @@ class DeviceLoop:
 
     # -- from the bind ------------------------------------------------------------------------
     def feed(self, batch: list, now: float) -> None:
-        """Datagrams into the device; their packets go up at the next receive()."""
-        receive = self.device.receive_datagram
-        for data, ep in batch:
-            if type(data) is memoryview and data[0] != 4:
-                data = bytes(data)              # handshakes are rare: give them plain bytes
-            receive(data, ep, now)
+        """Datagrams (bytes, or memoryview slices of a GRO buffer) into the device; their
+        packets go up at the next receive()."""
+        self.device.receive_datagrams(batch, now)
 
     def receive(self, batch: list, now: float) -> None:
         """The last (or only) batch of a wakeup: into the device, packets up, output down."""
@@ -65,10 +62,7 @@ class DeviceLoop:
     # -- from the netstack --------------------------------------------------------------------
     def send_packets(self, packets: list[bytes]) -> None:
         """IP packets from the netstack: encrypt and send now."""
-        now = self.loop.time()
-        send = self.device.send_packet
-        for p in packets:
-            send(p, now)
+        self.device.send_packets(packets, self.loop.time())
         self.flush()
 
     def flush(self) -> None:
