@@ -179,6 +179,10 @@ class WgUdpTransport:
         return self.bind.port
 
     @property
+    def sock(self) -> socket.socket:
+        return self.bind.sock
+
+    @property
     def closed(self) -> bool:
         return self.loop.closed
 
