@@ -111,7 +111,6 @@ async def test_peer_gone_ends_the_reply_route_so_an_idle_peer_is_not_black_holed
     talks to A it dials A's home 900 instead of sending into 901 where A no longer is."""
     import tsproxy.magicsock.aio as magic_mod
     monkeypatch.setattr(magic_mod, "DERP_IDLE_CLOSE", 1.0)
-    monkeypatch.setattr(magic_mod, "DERP_CLEAN_INTERVAL", 0.5)
     make, node = servers
     r900, r901 = await make(stun_port=0, region_id=900), await make(stun_port=0, region_id=901)
     full = derp_map(r900, r901)

@@ -336,7 +336,7 @@ async def test_packet_filter_deny_blocks_ping_and_allow_permits_it(pair, tailnet
         async def ping(wait: float) -> bool:
             nonlocal seq
             seq += 1
-            plane._to_tunnel([icmp4_echo(me, b_ip, 0x150, seq)])
+            plane.pipeline.down([icmp4_echo(me, b_ip, 0x150, seq)])
             deadline = asyncio.get_running_loop().time() + wait
             while asyncio.get_running_loop().time() < deadline:
                 if seq in replies:

@@ -130,7 +130,9 @@ async def test_derp_only_then_direct_then_fallback(pair):
     assert srv.counters["packets_forwarded"] - relayed < 50        # pings/heartbeats at most
     assert a.magic.counters["disco_ping_tx"] > 0 and b.magic.counters["disco_ping_rx"] > 0
 
-    # b's socket stops answering (we point a at a dead port): pings time out, DERP again
+    # the direct path dies: b stops reading UDP, and a is pointed at a dead port; pings time
+    # out, DERP again (b's real port would otherwise be rediscovered before the dead one times out)
+    b.magic.loop.remove_reader(b.magic.sock.fileno())
     dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     dead.bind(("127.0.0.1", 0))
     try:
@@ -193,7 +195,6 @@ async def test_peer_home_region_dialed_on_demand_and_closed_when_idle(monkeypatc
     to reach B, and closes it once idle; its home connection stays."""
     import tsproxy.magicsock.aio as magic_mod
     monkeypatch.setattr(magic_mod, "DERP_IDLE_CLOSE", 1.0)
-    monkeypatch.setattr(magic_mod, "DERP_CLEAN_INTERVAL", 0.5)
     r900 = TestDerpServer(tls=True, stun_port=0, region_id=900)
     r901 = TestDerpServer(tls=True, stun_port=None, region_id=901)
     await r900.start()

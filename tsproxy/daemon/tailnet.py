@@ -7,8 +7,9 @@ with the netmap.
                                   └────► RouteTable (control/routing.py: names, suffixes,
                                          split DNS, prefixes, exit node) -> Dialer, PAC, status
 
-    Dialer ─► NetstackRuntime ─► InboundFilter.note_outbound ─► MagicConn ─► UDP / DERP
-    NetstackRuntime ◄─ InboundFilter.filter ◄─ MagicConn ◄────────────────────┘
+    Dialer ─► NetstackRuntime ─► InboundFilter.note_outbound ─► DeviceLoop(WgDevice) ─► MagicConn ─► UDP / DERP
+    NetstackRuntime ◄─ InboundFilter.filter ◄─ DeviceLoop(WgDevice) ◄─ MagicConn ◄────────────┘
+    (built by daemon/dataplane.py, which writes the pipeline order out)
 
 A control outage leaves everything as the last netmap set it: tunnels keep working.  The WireGuard
 device and netstack are built from the first netmap (they need our node key and addresses).
@@ -109,6 +110,7 @@ class TailnetPlane:
         self.netstack = None
         self.dialer = None
         self.filter = None
+        self.pipeline = None          # daemon/dataplane.Pipeline: filter between netstack and device
         self.split_dns = None
         self.netmap = None            # the netmap the data plane reflects
         self._nm_ready = asyncio.Event()
@@ -186,8 +188,7 @@ class TailnetPlane:
             self._first_applied.set()
 
     async def _build(self, nm) -> None:
-        from tsproxy.magicsock.aio import MagicConn
-        from tsproxy.netstack.aio import NetstackRuntime
+        from tsproxy.daemon.dataplane import build_tailnet
         from tsproxy.netstack.inbound_filter import InboundFilter
         from tsproxy.netstack.stack import Stack
         from tsproxy.proxy.aio.dialer import Dialer
@@ -197,16 +198,15 @@ class TailnetPlane:
         ident = self.control.ident
         self.device = WgDevice(ident.node_key, now=loop.time(), mtu=TUN_MTU)
         self.filter = InboundFilter()
+        stack = Stack(nm.addresses, mtu=TUN_MTU, now=loop.time(), verify_checksums=False)
         try:
-            self.magic = await MagicConn.create(
-                self.device, node_private=ident.node_key, disco_private=ident.disco_key,
-                port=self.udp_port, on_packets=self._from_tunnel,
+            self.pipeline, self.magic, self.netstack = await build_tailnet(
+                self.device, stack, packet_filter=self.filter, node_private=ident.node_key,
+                disco_private=ident.disco_key, port=self.udp_port,
                 on_endpoints=self.control.set_endpoints,
                 on_home_derp=self.control.set_preferred_derp, trust=self.trust)
         except OSError as e:
             raise TsproxyError(f"cannot open the UDP port {self.udp_port} ({e.strerror})") from None
-        stack = Stack(nm.addresses, mtu=TUN_MTU, now=loop.time(), verify_checksums=False)
-        self.netstack = NetstackRuntime(stack, send_packets=self._to_tunnel)
         self.split_dns = SplitDns(self.netstack)
         self.dialer = Dialer(self.netstack, names=nm.names, tunnel_prefixes=self._prefixes(nm),
                              resolver=self.split_dns.resolve, policy=self.non_tailnet,
@@ -302,13 +302,6 @@ class TailnetPlane:
                   "allow_lan_access": self.exit_node_allow_lan_access, "subnets": []}
         st["accept_routes"] = self.accept_routes
         return st
-
-    def _from_tunnel(self, packets: list) -> None:
-        self.netstack.deliver(self.filter.filter(packets))
-
-    def _to_tunnel(self, packets: list) -> None:
-        self.filter.note_outbound(packets)
-        self.magic.send_packets(packets)
 
     async def _apply(self, nm) -> None:
         if self.device is None:

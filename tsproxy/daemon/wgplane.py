@@ -1,9 +1,11 @@
 """Plain WireGuard mode's data plane, shared by the daemon and `tsproxy.Node`:
 
-    Dialer ──► NetstackRuntime(Stack) ──► WgDevice ──► UDP socket (WgUdpTransport)
-    NetstackRuntime ◄──────────────────────────────────┘
+    Dialer ──► NetstackRuntime(Stack) ──► [filter] ──► DeviceLoop(WgDevice) ──► UdpBind
+    NetstackRuntime ◄── [filter] ◄──────────────────────────────────────────────┘
 
-Built from a parsed wg-quick file; `aclose()` frees the stack and the UDP port.
+Built from a parsed wg-quick file by daemon/dataplane.py (the pipeline order is written there);
+the inbound filter slot is empty (allow all) unless a `packet_filter` is given.  `aclose()`
+frees the stack and the UDP port.
 """
 
 from __future__ import annotations
@@ -32,20 +34,21 @@ def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
 
 
 class WgPlane:
-    def __init__(self, conf: wgconf.WgConfig, *, non_tailnet: str = "direct"):
+    def __init__(self, conf: wgconf.WgConfig, *, non_tailnet: str = "direct", packet_filter=None):
         self.conf = conf
         self.non_tailnet = non_tailnet
+        self.filter = packet_filter       # e.g. netstack.inbound_filter.InboundFilter; None: all
+        self.pipeline = None
         self.device = None
         self.udp = None
         self.netstack = None
         self.dialer = None
 
     async def start(self) -> None:
+        from tsproxy.daemon.dataplane import build_wireguard
         from tsproxy.dns.aio import TunnelResolver
-        from tsproxy.netstack.aio import NetstackRuntime
         from tsproxy.netstack.stack import Stack
         from tsproxy.proxy.aio.dialer import Dialer
-        from tsproxy.wg.aio import WgUdpTransport
         from tsproxy.wg.device import WgDevice
 
         loop = asyncio.get_running_loop()
@@ -62,11 +65,10 @@ class WgPlane:
         stack = Stack([a.ip for a in iface.addresses], mtu=iface.mtu, now=now,
                       verify_checksums=False)   # WireGuard's Poly1305 already authenticated them
         try:
-            self.udp = await WgUdpTransport.create(self.device, port=iface.listen_port or 0,
-                                                   on_packets=lambda pkts: self.netstack.deliver(pkts))
+            self.pipeline, self.udp, self.netstack = await build_wireguard(
+                self.device, stack, port=iface.listen_port or 0, packet_filter=self.filter)
         except OSError as e:
             raise ConfigError(f"cannot open the WireGuard UDP port {iface.listen_port or 0} ({e.strerror})") from None
-        self.netstack = NetstackRuntime(stack, send_packets=self.udp.send_packets)
         resolver = TunnelResolver(self.netstack, iface.dns_servers, iface.dns_search)
         self.dialer = Dialer(self.netstack, names={}, tunnel_prefixes=tunnel_prefixes,
                              resolver=resolver.resolve if iface.dns_servers else None,
@@ -105,7 +107,7 @@ class WgPlane:
 
     def counter_sources(self) -> list:
         return [("wg", self.device), ("udp", self.udp), ("netstack", self.netstack),
-                ("dialer", self.dialer)]
+                ("dialer", self.dialer), ("filter", self.filter)]
 
 
 def _fmt_endpoint(ep) -> str | None:
