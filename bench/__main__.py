@@ -1,6 +1,6 @@
 """The bench suite in one command (root: it builds network namespaces):
 
-    sudo .venv/bin/python -m bench [--quick] [--runs N] [--size MB] [--only CASE ...]
+    .venv/bin/python -m bench [--quick] [--runs N] [--size MB] [--only CASE ...]
 
 Sets up every peer itself, runs each case for tsproxy and its anchor alternately (sing-box for
 plain WireGuard mode, the real tailscaled for tailnet mode), and writes bench/RESULTS.md, the
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         raise SystemExit("the chart needs matplotlib: pip install -e '.[bench]'")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    command = "sudo .venv/bin/python -m bench " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    command = ".venv/bin/python -m bench " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
     notes = machine_notes({
         "wireguard-go": _version(["wireguard-go", "--version"]),
         "sing-box": _version(["sing-box", "version"]),

@@ -4,7 +4,7 @@ peer's veth: download time over the raw veth with and without a 20 Mbit/s bottle
 here from the test suite, which checks only that the qdisc is installed and removed (speed
 is not asserted in tests).
 
-    sudo .venv/bin/python bench/bench_impair_rate.py [--runs 3] [--mbit 20]
+    .venv/bin/python bench/bench_impair_rate.py [--runs 3] [--mbit 20]
 """
 
 import argparse

