@@ -354,14 +354,7 @@ class TcpConnection(SendSide, ReceiveSide):
         self.snd_wl1, self.snd_wl2 = rn, self.snd_una
         self.rcv_buf += payload
         self.rcv_nxt = rn + plen
-        self.ack_pending += 1
-        if self.ack_pending >= 2:
-            if self.ack_defer is None:
-                self.ack_now = True
-            else:
-                self.ack_defer.add(self)
-        elif self.delack_at is None:
-            self.delack_at = now + DELACK
+        self._count_for_ack(now)
         ev = self.events
         if not ev or ev[-1][0] != EV_READABLE:
             self._event(EV_READABLE, None)

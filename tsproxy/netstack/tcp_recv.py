@@ -103,22 +103,26 @@ class ReceiveSide:
                 self._drain_ooo()
                 self._ack_at_once()                           # filled a hole
             else:
-                self.ack_pending += 1
-                if self.ack_pending >= 2:
-                    # ack every 2nd segment (RFC 9293 3.8.6.3); inside an input batch the
-                    # stack sends one ACK for all of them at its end (they would leave together)
-                    if self.ack_defer is None:
-                        self.ack_now = True
-                    else:
-                        self.ack_defer.add(self)
-                elif self.delack_at is None:
-                    self.delack_at = now + DELACK
+                self._count_for_ack(now)
             ev = self.events
             if not ev or ev[-1][0] != EV_READABLE:          # one pending "readable" is enough
                 self._event(EV_READABLE, None)
         else:
             self._store_ooo(seq, bytes(payload))
             self._ack_at_once()                               # out of order: ack (with SACK)
+
+    def _count_for_ack(self, now: float) -> None:
+        """One more in-order segment to acknowledge: ack every 2nd (RFC 9293 3.8.6.3), else arm
+        the delayed ACK; inside an input batch the stack sends one ACK for all of them at its
+        end (they would leave together)."""
+        self.ack_pending += 1
+        if self.ack_pending >= 2:
+            if self.ack_defer is None:
+                self.ack_now = True
+            else:
+                self.ack_defer.add(self)
+        elif self.delack_at is None:
+            self.delack_at = now + DELACK
 
     def _ack_at_once(self) -> None:
         """Out-of-order data or a filled hole is acked immediately (RFC 9293 3.8.6.3).  With
