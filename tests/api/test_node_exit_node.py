@@ -14,19 +14,9 @@ import asyncio
 import pytest
 
 from tsproxy.errors import HostUnreachable, NotAllowed
+from tests.waiting import until
 
 OUTSIDE = "203.0.113.9"          # TEST-NET-3: never dialed (the node's policy is refuse)
-
-
-async def until(fn, what: str, timeout: float = 30.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        v = fn()
-        if v:
-            return v
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not reached in {timeout}s")
 
 
 def exit_status(node) -> dict:
@@ -41,7 +31,7 @@ async def test_exit_node_selection_routes_and_fails_closed(tailnet, tailnet_node
     b = await tailnet_node("exit-b")
     a = await tailnet_node("exit-a", exit_node="exit-b")
     assert a.exit_node == "exit-b"
-    await until(lambda: wg_routes(a, "exit-b"), "exit-b in a's netmap")
+    await until(lambda: wg_routes(a, "exit-b"), "exit-b in a's netmap", 30)
     # b offers no /0 yet: the selection is unusable and outside destinations fail with why
     assert "exit-b is not an exit node" in exit_status(a)["problem"]
     with pytest.raises(HostUnreachable, match="is outside the tailnet and exit-b is not an exit node"):
@@ -50,7 +40,7 @@ async def test_exit_node_selection_routes_and_fails_closed(tailnet, tailnet_node
         await a.open_connection("example.com", 80)
     b_id = (await asyncio.to_thread(tailnet.node, "exit-b")).id
     await asyncio.to_thread(tailnet.call, tailnet.control.set_exit_node, b_id)
-    await until(lambda: exit_status(a).get("usable"), "exit-b usable")
+    await until(lambda: exit_status(a).get("usable"), "exit-b usable", 30)
     assert {"0.0.0.0/0", "::/0"} <= set(wg_routes(a, "exit-b"))
     assert exit_status(a)["addresses"] == b.addresses
     # the tailnet itself is unaffected
@@ -74,7 +64,7 @@ async def test_exit_node_selection_routes_and_fails_closed(tailnet, tailnet_node
     await asyncio.to_thread(tailnet.call, tailnet.control.set_routes, b_id,
                             ["198.51.100.0/24", "0.0.0.0/0", "::/0"])
     await until(lambda: "198.51.100.0/24" in next(p["allowed_ips"] for p in a.status()["peers"]
-                                                  if p["name"] == "exit-b"), "subnet in netmap")
+                                                  if p["name"] == "exit-b"), "subnet in netmap", 30)
     assert "198.51.100.0/24" not in wg_routes(a, "exit-b")
     st = a.set_accept_routes(True)
     assert st["accept_routes"] and st["subnets"] == ["198.51.100.0/24 via exit-b"]
@@ -83,7 +73,7 @@ async def test_exit_node_selection_routes_and_fails_closed(tailnet, tailnet_node
     assert "198.51.100.0/24" not in wg_routes(a, "exit-b")
     # the exit node goes away: fail closed with the reason, never the host
     await b.aclose()
-    await until(lambda: "offline" in (exit_status(a).get("problem") or ""), "exit-b offline")
+    await until(lambda: "offline" in (exit_status(a).get("problem") or ""), "exit-b offline", 30)
     assert "0.0.0.0/0" not in wg_routes(a, "exit-b")
     with pytest.raises(HostUnreachable, match="exit node exit-b is offline"):
         await a.open_connection(OUTSIDE, 80)

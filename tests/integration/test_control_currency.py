@@ -14,6 +14,7 @@ from tsproxy.control import messages as msg
 from tsproxy.control.aio import ControlClient, ControlURL, NoiseH2, fetch_server_key
 from tsproxy.daemon.state import StateStore
 from tsproxy.keys import DiscoPrivate, MachinePrivate, NodePrivate
+from tests.waiting import until
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -27,45 +28,38 @@ async def server():
     await srv.stop()
 
 
-async def _until(cond, what, timeout=20.0):
-    async with asyncio.timeout(timeout):
-        while not (v := cond()):
-            await asyncio.sleep(0.02)
-    return v
-
-
 async def test_unknown_attrs_c2n_and_unsupported_pings_are_counted(server, tmp_path):
     c = ControlClient(server.url, StateStore(str(tmp_path / "c")), hostname="cur",
                       auth_key=server.create_auth_key().key)
     task = asyncio.create_task(c.run())
     try:
-        await _until(lambda: c.state == "Running", "login")
+        await until(lambda: c.state == "Running", "login")
         nid = server.node("cur").id
         assert server.node("cur").cap == msg.CAPABILITY_VERSION
         server.set_node_attr(nid, "default-auto-update", [True])       # 131: known, no-op
         server.set_node_attr(nid, "some-attr-from-the-future", [{"v": 2}])
-        await _until(lambda: "some-attr-from-the-future" in c.netmap.self_node.cap_map,
-                     "attributes in the netmap")
+        await until(lambda: "some-attr-from-the-future" in c.netmap.self_node.cap_map,
+                    "attributes in the netmap")
         assert c.counters["node_attrs_unknown"] == 1
         server.set_node_attr(nid, "another-future-attr")
-        await _until(lambda: c.counters["node_attrs_unknown"] == 2, "second unknown attr")
+        await until(lambda: c.counters["node_attrs_unknown"] == 2, "second unknown attr")
 
         def c2n(path: bytes) -> str:
             return server.send_ping(nid, types="c2n",
                                     payload=b"GET " + path + b" HTTP/1.1\r\nHost: n\r\n\r\n")
         pid = c2n(b"/debug/health")
-        ans = await _until(lambda: server.pings.get(pid), "/debug/health answered")
+        ans = await until(lambda: server.pings.get(pid), "/debug/health answered")
         head, _, body = ans["body"].partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == {"Warnings": {}}
         pid = c2n(b"/debug/tka/log")
-        ans = await _until(lambda: server.pings.get(pid), "/debug/tka/log answered")
+        ans = await until(lambda: server.pings.get(pid), "/debug/tka/log answered")
         assert ans["body"].startswith(b"HTTP/1.1 404 ")
         pid = c2n(b"/debug/netmap")
-        ans = await _until(lambda: server.pings.get(pid), "/debug/netmap answered")
+        ans = await until(lambda: server.pings.get(pid), "/debug/netmap answered")
         assert ans["body"].startswith(b"HTTP/1.1 501 ")
         assert c.counters["c2n_answered"] == 1 and c.counters["c2n_not_handled"] == 2
         server.send_ping(nid, types="disco")
-        await _until(lambda: c.counters["pings_unsupported"] == 1, "disco ping counted")
+        await until(lambda: c.counters["pings_unsupported"] == 1, "disco ping counted")
         assert c.state == "Running" and c.last_error == ""
     finally:
         task.cancel()
@@ -114,19 +108,19 @@ async def test_primary_route_fails_over_to_the_next_router_on_the_client(server,
     try:
         await r1.start()
         await r2.start()
-        await _until(lambda: c.state == "Running", "observer running")
+        await until(lambda: c.state == "Running", "observer running")
 
         def primaries():
             nm = c.netmap
             if nm is None:
                 return {}
             return {p.hostname: [str(x) for x in p.primary_routes] for p in nm.peers.values()}
-        await _until(lambda: primaries() == {"r1": [subnet], "r2": []}, "r1 primary")
+        await until(lambda: primaries() == {"r1": [subnet], "r2": []}, "r1 primary")
         n1 = server.node("r1")
         assert server.primary_routes() == {subnet: n1.id}
         await r1.stop()                                   # the primary goes offline
-        await _until(lambda: primaries().get("r2") == [subnet] and not primaries().get("r1"),
-                     "r2 takes over")
+        await until(lambda: primaries().get("r2") == [subnet] and not primaries().get("r1"),
+                    "r2 takes over")
         peer = next(p for p in c.netmap.peers.values() if p.hostname == "r2")
         assert subnet in [str(x) for x in peer.allowed_ips]
     finally:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import REPO, Daemon, free_port
 from tests.tailnet_helpers import eventually, peer_status
+from tests.waiting import until
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -92,14 +93,6 @@ def _client(srv, tmp_path, key, name="c1", **kw):
     return c
 
 
-async def _until(cond, what, timeout=20.0):
-    import asyncio
-    async with asyncio.timeout(timeout):
-        while not (v := cond()):
-            await asyncio.sleep(0.02)
-    return v
-
-
 class _Running:
     """Run a ControlClient in the background; stop it on exit."""
 
@@ -126,12 +119,12 @@ async def test_reconnect_never_resends_the_auth_key(server, tmp_path):
     key = server.create_auth_key().key              # single use
     c = _client(server, tmp_path, key)
     async with _Running(c) as task:
-        await _until(lambda: c.state == "Running", "first login")
+        await until(lambda: c.state == "Running", "first login")
         mark = len(server.registry.log)
         streams = server.counters["map_stream"]
         server.drop_streams()
-        await _until(lambda: server.counters["map_stream"] > streams and c.state == "Running",
-                     "reconnected")
+        await until(lambda: server.counters["map_stream"] > streams and c.state == "Running",
+                    "reconnected")
         again = _registers_after(server, mark)
         assert again and all("Auth" not in r for r in again), again
         assert not task.done()
@@ -144,11 +137,11 @@ async def test_registered_node_whose_key_is_refused_keeps_running_its_control_ta
     key = server.create_auth_key().key
     c = _client(server, tmp_path, key)
     async with _Running(c) as task:
-        await _until(lambda: c.state == "Running", "first login")
+        await until(lambda: c.state == "Running", "first login")
         server.delete_node(server.node("c1").id)
         server.drop_streams()
-        await _until(lambda: "rejected the auth key" in c.status()["last_error"], "reported")
-        await _until(lambda: c.state == "NeedsLogin" and c.auth_url, "waits for a login")
+        await until(lambda: "rejected the auth key" in c.status()["last_error"], "reported")
+        await until(lambda: c.state == "NeedsLogin" and c.auth_url, "waits for a login")
         assert not task.done()
         assert key not in c.status()["last_error"]
         # after the refusal the key is never presented again
@@ -156,7 +149,7 @@ async def test_registered_node_whose_key_is_refused_keeps_running_its_control_ta
                       if k == "register" and "Auth" in r)
         mark = len(server.registry.log)
         server.drop_streams()
-        await _until(lambda: _registers_after(server, mark), "registers again")
+        await until(lambda: _registers_after(server, mark), "registers again")
         assert all("Auth" not in r for r in _registers_after(server, refused + 1))
 
 
@@ -165,11 +158,11 @@ async def test_admin_expiry_waits_in_needs_login_without_reusing_the_key(server,
     key = server.create_auth_key(reusable=True).key
     c = _client(server, tmp_path, key)
     async with _Running(c) as task:
-        await _until(lambda: c.state == "Running", "first login")
+        await until(lambda: c.state == "Running", "first login")
         node = server.node("c1")
         mark = len(server.registry.log)
         server.expire_node(node.id)
-        await _until(lambda: c.state == "NeedsLogin" and c.auth_url, "NeedsLogin with a URL")
+        await until(lambda: c.state == "NeedsLogin" and c.auth_url, "NeedsLogin with a URL")
         regs = _registers_after(server, mark)
         assert regs and all("Auth" not in r for r in regs), regs
         assert regs[0]["OldNodeKey"] == node.node_key
@@ -206,7 +199,7 @@ async def test_server_errors_with_a_key_are_retried_not_rejections(server, tmp_p
     server.registry.register = flaky
     c = _client(server, tmp_path, key)
     async with _Running(c):
-        await _until(lambda: c.state == "Running", "logged in after the errors")
+        await until(lambda: c.state == "Running", "logged in after the errors")
     assert len(calls) >= 3
 
 
@@ -217,10 +210,10 @@ async def test_lite_update_that_fails_is_retried_until_it_lands(server, tmp_path
     c._preferred_derp = 900
     c._endpoints = [("127.0.0.1", 41641)]
     async with _Running(c):
-        await _until(lambda: c.state == "Running", "login")
-        await _until(lambda: server.counters.get("map_lite_failed") == 1, "first lite failed")
-        node = await _until(lambda: (lambda n: n if n and n.home_derp == 900 else None)(
-            server.node("c1")), "home DERP learned from a retried lite update")
+        await until(lambda: c.state == "Running", "login")
+        await until(lambda: server.counters.get("map_lite_failed") == 1, "first lite failed")
+        node = await until(lambda: (lambda n: n if n and n.home_derp == 900 else None)(
+           server.node("c1")), "home DERP learned from a retried lite update")
         assert node.endpoints == ["127.0.0.1:41641"]
         assert c.lite_failures == 1
 
@@ -236,13 +229,13 @@ async def test_register_429_honours_retry_after(server, tmp_path):
     c = _client(server, tmp_path, server.create_auth_key(reusable=True).key)
     c._sleep = fake_sleep
     async with _Running(c):
-        await _until(lambda: c.state == "Running", "login after the 429")
+        await until(lambda: c.state == "Running", "login after the 429")
         assert delays[0] == 7.0 and server.counters["register_429"] == 1
         server.rate_limit_registers, server.retry_after = 1, None
         streams = server.counters["map_stream"]
         server.drop_streams()
-        await _until(lambda: server.counters["register_429"] == 2
-                     and server.counters["map_stream"] > streams, "second 429, then back")
+        await until(lambda: server.counters["register_429"] == 2
+                    and server.counters["map_stream"] > streams, "second 429, then back")
     rl = [d for d in delays[1:] if d >= 5.0]
     assert rl and 5.0 <= rl[0] <= 10.0, delays
 
@@ -251,14 +244,14 @@ async def test_register_429_honours_retry_after(server, tmp_path):
 async def test_ping_request_answered(server, tmp_path, kind):
     c = _client(server, tmp_path, server.create_auth_key().key)
     async with _Running(c):
-        await _until(lambda: c.state == "Running", "login")
+        await until(lambda: c.state == "Running", "login")
         nid = server.node("c1").id
         if kind.startswith("head"):
             pid = server.send_ping(nid, noise=kind == "head-noise")
         else:
             req = b"POST /echo HTTP/1.1\r\nHost: node\r\nContent-Length: 4\r\n\r\nping"
             pid = server.send_ping(nid, types="c2n", payload=req, keepalive=kind == "c2n")
-        ans = await _until(lambda: server.pings.get(pid), "ping answered")
+        ans = await until(lambda: server.pings.get(pid), "ping answered")
         if kind == "head-http":
             assert (ans["method"], ans["via"]) == ("HEAD", "http")
         elif kind == "head-noise":

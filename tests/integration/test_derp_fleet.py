@@ -3,13 +3,13 @@ a region whose first node is down, a DERP map that moves a region at runtime, Pe
 reply route (else a DERP-only peer in another region is black-holed once idle), the home region
 re-chosen from RegionScore, HTTPS latency when STUN is blocked, STUN to a node named by DNS."""
 
-import asyncio
 import copy
 import socket
 
 import pytest
 
 from tests.integration.test_magicsock import Node, transfer
+from tests.waiting import until
 from tsproxy.control import messages as msg
 from tsproxy.testing.derp_server import TestDerpServer, derp_map
 
@@ -27,12 +27,6 @@ def dead_port() -> int:
     port = s.getsockname()[1]
     s.close()                               # nothing listens there: connection refused
     return port
-
-
-async def until(cond, timeout=20, what="condition"):
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -77,7 +71,7 @@ async def test_region_with_first_node_down_uses_the_next(servers):
     region["Nodes"] = [down, dict(region["Nodes"][0], Name="900b")]
     m = dmap({"Regions": {"900": region}})
     a, b = await node("100.64.0.1", m), await node("100.64.0.2", m)
-    await until(lambda: a.homes and b.homes)
+    await until(lambda: a.homes and b.homes, "both have a home region", 20)
     peer(a, b, 2, 900)
     peer(b, a, 1, 900)
     await transfer(a, b, 200_000)
@@ -92,7 +86,7 @@ async def test_region_moved_in_the_derp_map_is_followed_on_reconnect(servers):
     new = await make(stun_port=0)
     m1 = dmap(derp_map(old))
     a, b = await node("100.64.0.1", m1), await node("100.64.0.2", m1)
-    await until(lambda: a.homes and b.homes)
+    await until(lambda: a.homes and b.homes, "both have a home region", 20)
     peer(a, b, 2, 900)
     peer(b, a, 1, 900)
     await transfer(a, b, 100_000)
@@ -100,7 +94,7 @@ async def test_region_moved_in_the_derp_map_is_followed_on_reconnect(servers):
     a.magic.set_derp_map(m2)
     b.magic.set_derp_map(m2)
     await old.stop()                          # the old node goes away: clients reconnect
-    await until(lambda: len(new.clients) == 2, 20, "both clients on the new node")
+    await until(lambda: len(new.clients) == 2, "both clients on the new node", 20)
     await transfer(a, b, 100_000)
 
 
@@ -118,13 +112,13 @@ async def test_peer_gone_ends_the_reply_route_so_an_idle_peer_is_not_black_holed
     for_a["Regions"]["901"]["Nodes"][0]["STUNPort"] = -1
     for_b["Regions"]["900"]["Nodes"][0]["STUNPort"] = -1
     a, b = await node("100.64.0.1", dmap(for_a)), await node("100.64.0.2", dmap(for_b))
-    await until(lambda: a.homes == [900] and b.homes == [901], 10, "homes 900 / 901")
+    await until(lambda: a.homes == [900] and b.homes == [901], "homes 900 / 901", 10)
     peer(a, b, 2, 901)
     peer(b, a, 1, 900)
     await transfer(a, b, 100_000)
     assert 901 in a.magic.derps and 900 not in b.magic.derps
-    await until(lambda: 901 not in a.magic.derps, 15, "A's idle 901 connection closed")
-    await until(lambda: r901.counters["peer_gone_sent"] >= 1, 10, "901 sends PeerGone(A) to B")
+    await until(lambda: 901 not in a.magic.derps, "A's idle 901 connection closed", 15)
+    await until(lambda: r901.counters["peer_gone_sent"] >= 1, "901 sends PeerGone(A) to B", 10)
     dropped = r901.counters["packets_dropped"]
     await transfer(b, a, 100_000)             # B -> A now goes through A's home region
     # nothing went into 901, where A no longer is (before the fix B's packets were dropped
@@ -140,13 +134,13 @@ async def test_home_region_rechosen_when_the_map_scores_change(servers):
     base = derp_map(r900, r901)
     base["HomeParams"] = {"RegionScore": {"901": 1000.0}}    # 901 scored far worse
     a = await node("100.64.0.1", dmap(base))
-    await until(lambda: a.homes == [900], 10, "home 900")
-    await until(lambda: any(c.preferred for c in r900.clients.values()), 10)
+    await until(lambda: a.homes == [900], "home 900", 10)
+    await until(lambda: any(c.preferred for c in r900.clients.values()), "900 preferred", 10)
     base["HomeParams"] = {"RegionScore": {"900": 1000.0}}
     a.magic.set_derp_map(dmap(base))
-    await until(lambda: a.homes == [900, 901], 10, "home moved to 901")
-    await until(lambda: any(c.preferred for c in r901.clients.values()), 10, "901 preferred")
-    await until(lambda: not any(c.preferred for c in r900.clients.values()), 10, "900 not")
+    await until(lambda: a.homes == [900, 901], "home moved to 901", 10)
+    await until(lambda: any(c.preferred for c in r901.clients.values()), "901 preferred", 10)
+    await until(lambda: not any(c.preferred for c in r900.clients.values()), "900 not", 10)
     assert a.magic.counters["home_changes"] == 2
 
 
@@ -156,7 +150,7 @@ async def test_https_latency_chooses_home_when_stun_is_blocked(servers):
     m = derp_map(r900, r901)
     m["HomeParams"] = {"RegionScore": {"900": 1000.0}}
     a = await node("100.64.0.1", dmap(m))
-    await until(lambda: a.homes, 10, "a home region")
+    await until(lambda: a.homes, "a home region", 10)
     assert a.homes == [901]                   # measured over HTTPS, scored: not just "lowest id"
     assert r900.counters["latency_checks"] >= 1 and r901.counters["latency_checks"] >= 1
     assert a.magic.counters["https_latency_probes"] >= 2
@@ -169,7 +163,7 @@ async def test_stun_to_a_node_named_only_by_dns(servers):
     n0 = m["Regions"]["900"]["Nodes"][0]
     n0["IPv4"], n0["IPv6"], n0["HostName"] = "", "", "localhost"   # Headscale's embedded DERP
     a = await node("100.64.0.1", dmap(m))
-    await until(lambda: a.homes == [900], 10)
-    await until(lambda: srv.counters["stun_requests"] >= 1, 10, "STUN to localhost")
+    await until(lambda: a.homes == [900], "home 900", 10)
+    await until(lambda: srv.counters["stun_requests"] >= 1, "STUN to localhost", 10)
     assert 900 in a.magic.region_latency and a.magic.counters["https_latency_probes"] == 0
-    await until(lambda: len(srv.clients) == 1, 10, "DERP to localhost")
+    await until(lambda: len(srv.clients) == 1, "DERP to localhost", 10)

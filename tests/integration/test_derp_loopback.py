@@ -8,18 +8,9 @@ from tsproxy.disco import stun
 from tsproxy.disco.aio import measure_region_latency
 from tsproxy.keys import NodePrivate
 from tsproxy.testing.derp_server import TestDerpServer
+from tests.waiting import until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
-
-
-async def until(cond, what, timeout=10.0):
-    """Wait for cond() to hold (polled on the loop); AssertionError naming `what` if it never does."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not reached in {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 class Node:

@@ -22,6 +22,7 @@ from tsproxy.daemon.state import StateStore
 from tsproxy.errors import RemoteProtocolError
 from tsproxy.keys import DiscoPrivate, MachinePrivate, NodePrivate
 from tsproxy.testing.servers import pattern_sha256
+from tests.waiting import until
 
 pytestmark = [pytest.mark.timeout(300)]
 BIG = 1 << 20
@@ -39,13 +40,6 @@ async def hs():
     await srv.stop()
 
 
-async def _until(cond, what, timeout=20.0):
-    async with asyncio.timeout(timeout):
-        while not (v := cond()):
-            await asyncio.sleep(0.02)
-    return v
-
-
 def _client(srv, tmp_path, name="hs-c"):
     c = ControlClient(srv.url, StateStore(str(tmp_path / name)), hostname=name,
                       auth_key=srv.create_auth_key(reusable=True).key)
@@ -57,10 +51,10 @@ async def test_register_map_and_disco_key_only_from_the_lite_update(hs, tmp_path
     c = _client(hs, tmp_path)
     task = asyncio.create_task(c.run())
     try:
-        await _until(lambda: c.state == "Running", "Running against the Headscale profile")
+        await until(lambda: c.state == "Running", "Running against the Headscale profile")
         node = hs.node("hs-c")
         want = c.ident.disco_key.public().text()
-        await _until(lambda: node.disco_key == want, "disco key stored")
+        await until(lambda: node.disco_key == want, "disco key stored")
         # stored from a lite update, never from the streaming request
         maps = [r for kind, r in hs.registry.log if kind == "map"]
         assert maps and all(not r.get("Stream") and r.get("OmitPeers") for r in maps)
@@ -78,13 +72,13 @@ async def test_register_map_and_disco_key_only_from_the_lite_update(hs, tmp_path
         # a stream restart: a new stream and a new lite update; the key survives
         streams, lites = hs.counters["map_stream"], hs.counters["map_lite"]
         hs.drop_streams()
-        await _until(lambda: hs.counters["map_stream"] > streams
-                     and hs.counters["map_lite"] > lites and c.state == "Running",
-                     "stream and lite update again after the restart")
+        await until(lambda: hs.counters["map_stream"] > streams
+                    and hs.counters["map_lite"] > lites and c.state == "Running",
+                    "stream and lite update again after the restart")
         assert node.disco_key == want
         # keep-alives (0.2 s here) keep the same stream up past several of them
         before, kas = hs.counters["map_stream"], hs.counters.get("keepalives", 0)
-        await _until(lambda: hs.counters.get("keepalives", 0) >= kas + 3, "three keep-alives")
+        await until(lambda: hs.counters.get("keepalives", 0) >= kas + 3, "three keep-alives")
         assert hs.counters["map_stream"] == before and c.state == "Running"
     finally:
         task.cancel()
@@ -154,7 +148,7 @@ async def test_zstd_only_when_asked_and_the_keepalive_cadence(hs, tmp_path):
     c = _client(hs, tmp_path, "hs-z")
     task = asyncio.create_task(c.run())
     try:
-        await _until(lambda: c.state == "Running", "registered")
+        await until(lambda: c.state == "Running", "registered")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

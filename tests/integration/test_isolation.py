@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import REPO, Daemon, free_port
 from tests.tailnet_helpers import eventually, peer_status
+from tests.waiting import until
 from tsproxy.daemon import ipc, statedir
 from tsproxy.testing.control.mapper import ALLOW_ALL
 
@@ -344,14 +345,7 @@ async def test_packet_filter_deny_blocks_ping_and_allow_permits_it(pair, tailnet
                 await asyncio.sleep(0.05)
             return False
 
-        async def until(cond, what, timeout=40):
-            deadline = asyncio.get_running_loop().time() + timeout
-            while asyncio.get_running_loop().time() < deadline:
-                if await cond():
-                    return
-            raise AssertionError(f"{what}: not reached in {timeout}s")
-
-        await until(lambda: ping(1.0), "an echo reply from tsp-b under the allow-all filter")
+        await until(lambda: ping(1.0), "an echo reply from tsp-b under the allow-all filter", 40)
         replied_before = b.counters()["netstack.icmp_echo_replied"]
         dropped_before = b.counters()["filter.filter_dropped"]
         tailnet.call(tailnet.control.set_packet_filter, [
@@ -359,14 +353,14 @@ async def test_packet_filter_deny_blocks_ping_and_allow_permits_it(pair, tailnet
 
         async def denied():
             return not await ping(1.0) and b.counters()["filter.filter_dropped"] > dropped_before
-        await until(denied, "tsp-b dropping our echo requests under the deny rule")
+        await until(denied, "tsp-b dropping our echo requests under the deny rule", 40)
         replied_at_deny = b.counters()["netstack.icmp_echo_replied"]
         for _ in range(3):
             assert not await ping(2.0), "an echo reply under the deny rule"
         assert b.counters()["netstack.icmp_echo_replied"] == replied_at_deny >= replied_before
         tailnet.call(tailnet.control.set_packet_filter, [
             {"SrcIPs": [me], "DstPorts": [{"IP": b_ip, "Ports": {"First": 0, "Last": 65535}}]}])
-        await until(lambda: ping(1.0), "an echo reply again under the allow rule")
+        await until(lambda: ping(1.0), "an echo reply again under the allow rule", 40)
     finally:
         tailnet.call(tailnet.control.set_packet_filter, ALLOW_ALL)
         stopping.set()

@@ -18,6 +18,7 @@ from tsproxy.netstack.aio import NetstackRuntime
 from tsproxy.netstack.stack import Stack
 from tsproxy.testing.derp_server import TestDerpServer, derp_map
 from tsproxy.wg.device import WgDevice
+from tests.waiting import until
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -144,16 +145,6 @@ async def test_derp_only_then_direct_then_fallback(pair):
         await transfer(a, b, 500_000)
     finally:
         dead.close()
-
-
-async def until(cond, what, timeout=10.0):
-    """Wait for cond() on the loop under a deadline; AssertionError naming `what` otherwise."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not reached in {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 async def test_bad_disco_and_junk_are_counted(pair):

@@ -19,14 +19,9 @@ from tsproxy.testing.control import TestControlServer
 from tsproxy.testing.derp_server import TestDerpServer, derp_map
 from tsproxy.testing.tlsca import TestCA
 from tsproxy.tlsconfig.aio import CertificateVerifyFailed, Trust, verify_failure
+from tests.waiting import until
 
 pytestmark = [pytest.mark.timeout(60)]
-
-
-async def _until(pred, timeout=15.0, what="condition"):
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(0.02)
 
 
 def test_trust_adds_the_ca_file_to_the_system_roots(tmp_path):
@@ -103,11 +98,11 @@ async def test_control_registers_then_retries_slowly_after_a_certificate_change(
     c.backoff_min, c.backoff_max = 0.05, 0.2
     task = asyncio.create_task(c.run())
     try:
-        await _until(lambda: c.state == "Running", what="running over https")
+        await until(lambda: c.state == "Running", what="running over https")
         assert srv.node("tls-ctl").online
         srv._ssl_ctx = TestCA("another CA").server_context(["127.0.0.1"])   # re-keyed server
         await srv.restart()
-        await _until(lambda: c.failures >= 2, what="verification failures")
+        await until(lambda: c.failures >= 2, what="verification failures")
         assert not task.done()            # had a session: keeps trying, at backoff_max
         assert c.last_error == (f"control server 127.0.0.1:{srv.port}: certificate verify "
                                 "failed: unable to get local issuer certificate")
@@ -148,7 +143,7 @@ async def test_derp_verified_against_the_ca_and_refused_without_it(tmp_path, mon
     try:
         with caplog.at_level(logging.WARNING, logger="tsproxy.derp.aio"):
             await asyncio.wait_for(good.connected.wait(), 10)
-            await _until(lambda: bad.counters["tls_verify_failed"] >= 3, what="retries")
+            await until(lambda: bad.counters["tls_verify_failed"] >= 3, what="retries")
         assert not bad.connected.is_set() and bad.counters["connects"] == 0
         line = (f"DERP server 127.0.0.1:{srv.port}: certificate verify failed: "
                 "unable to get local issuer certificate")

@@ -9,6 +9,7 @@ from tsproxy.errors import ConnectionRefused, DialTimeout
 from tsproxy.netstack import tcp as T
 from tsproxy.netstack.aio import NetstackRuntime
 from tsproxy.netstack.stack import Stack
+from tests.waiting import until
 
 
 async def make_pair(drop=lambda p: False, **kw):
@@ -128,14 +129,6 @@ async def test_backpressure_slow_reader_blocks_the_writer():
     await b.aclose()
 
 
-async def _until(cond, what, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, f"{what}: not reached in {timeout}s"
-        await asyncio.sleep(0.005)
-
-
 async def test_cancelled_reader_and_abort_leave_nothing_behind():
     a, b = await make_pair()
     await b.start_server(7, echo_server)
@@ -148,9 +141,9 @@ async def test_cancelled_reader_and_abort_leave_nothing_behind():
     assert all(t.cancelled() for t in readers)
     for _, w in streams:
         w.abort()
-    await _until(lambda: not a.stack.conns and not a.streams, "a forgets every connection")
-    await _until(lambda: not any(c.state == T.ESTABLISHED for c in b.stack.conns.values()),
-                 "b sees every connection reset")
+    await until(lambda: not a.stack.conns and not a.streams, "a forgets every connection")
+    await until(lambda: not any(c.state == T.ESTABLISHED for c in b.stack.conns.values()),
+                "b sees every connection reset")
     await a.aclose()
     await b.aclose()
 
