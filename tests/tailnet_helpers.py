@@ -1,26 +1,17 @@
 """Helpers shared by the tailnet tests (and bench/bench_tailnet.py): polling, a peer's path in
-a daemon's status, curl through a daemon's SOCKS5 proxy, and a small page server."""
+a daemon's status, curl through a daemon's SOCKS5 proxy (at once, or in the background hashing
+what arrives, for the fault tests), and a small page server."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import subprocess
 import threading
 import time
 
+from tests.waiting import eventually  # noqa: F401  (re-exported: the tailnet tests import it from here)
 from tsproxy.testing.servers import pattern_chunks
-
-
-def eventually(fn, timeout: float, what: str, interval: float = 0.2):
-    """Poll fn() until it returns something truthy; AssertionError naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not reached in {timeout}s (last: {last!r})")
 
 
 def peer_status(daemon, name: str) -> dict | None:
@@ -40,6 +31,32 @@ def socks_curl(port: int, url: str, *extra: str, timeout: float = 20):
     return subprocess.run(["curl", "-sS", "--max-time", str(timeout), *extra, "--socks5-hostname",
                            f"127.0.0.1:{port}", url], capture_output=True, text=True,
                           timeout=timeout + 5)
+
+
+class BackgroundCurl:
+    """curl through the daemon's SOCKS5 proxy in the background, hashing what it receives."""
+
+    def __init__(self, port: int, url: str, max_time: float):
+        self.p = subprocess.Popen(["curl", "-sS", "--max-time", str(max_time), "--socks5-hostname",
+                                   f"127.0.0.1:{port}", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.h, self.n = hashlib.sha256(), 0
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self):
+        while chunk := self.p.stdout.read1(1 << 16):
+            self.h.update(chunk)
+            self.n += len(chunk)
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        try:
+            rc = self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            raise AssertionError(f"transfer still running after {timeout}s ({self.n} bytes): a hang")
+        self.t.join(10)
+        return rc, self.p.stderr.read().decode()
 
 
 class PageHandler(http.server.BaseHTTPRequestHandler):

@@ -2,16 +2,13 @@
 test tailnet: the transfer in flight fails with a clear error (never hangs), the stale IPC socket
 is cleaned up so `up` works, the node keeps its identity, and transfers work again."""
 
-import hashlib
 import os
 import signal
-import subprocess
-import threading
 
 import pytest
 
 from tests.conftest import Daemon, free_port
-from tests.tailnet_helpers import eventually, peer_status
+from tests.tailnet_helpers import BackgroundCurl as Curl, eventually, peer_status
 from tsproxy.daemon import ipc, statedir
 from tsproxy.testing.servers import pattern_sha256
 
@@ -28,30 +25,6 @@ def server_node(tailnet, web, tmp_path):
         yield b.start(timeout=60)
     finally:
         b.stop()
-
-
-class Curl:
-    def __init__(self, port: int, url: str, max_time: float):
-        self.p = subprocess.Popen(["curl", "-sS", "--max-time", str(max_time), "--socks5-hostname",
-                                   f"127.0.0.1:{port}", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.h, self.n = hashlib.sha256(), 0
-        self.t = threading.Thread(target=self._read, daemon=True)
-        self.t.start()
-
-    def _read(self):
-        while chunk := self.p.stdout.read1(1 << 16):
-            self.h.update(chunk)
-            self.n += len(chunk)
-
-    def wait(self, timeout: float) -> tuple[int, str]:
-        try:
-            rc = self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-            raise AssertionError(f"transfer still running after {timeout}s ({self.n} bytes): a hang")
-        self.t.join(10)
-        return rc, self.p.stderr.read().decode()
 
 
 def fetch_exact(port: int, url: str, size: int, timeout: float = 30) -> bool:

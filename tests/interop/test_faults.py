@@ -7,20 +7,17 @@ blackhole is an outage the transfer must ride out, below), control server restar
 test_tailnet_daemons.py), plain loss (tests/interop/test_wg_mode.py), daemon SIGKILL and restart
 (tests/integration/test_faults_loopback.py)."""
 
-import hashlib
 import os
 import re
 import socket
 import struct
-import subprocess
 import sys
-import threading
 import json
 
 import pytest
 
 from tests.conftest import REPO, Daemon, free_port
-from tests.tailnet_helpers import eventually
+from tests.tailnet_helpers import BackgroundCurl as Curl, eventually
 from tsproxy.daemon import ipc, statedir
 from tsproxy.keys import NodePrivate
 from tsproxy.testing.servers import pattern_sha256
@@ -50,32 +47,6 @@ def daemon_for(wg_peer, tmp_path, endpoint: str | None = None) -> Daemon:
                                          "--non-tailnet", "refuse"]).start()
     d.proxy_port = port
     return d
-
-
-class Curl:
-    """curl through the daemon's SOCKS5 proxy in the background, hashing what it receives."""
-
-    def __init__(self, port: int, url: str, max_time: float):
-        self.p = subprocess.Popen(["curl", "-sS", "--max-time", str(max_time), "--socks5-hostname",
-                                   f"127.0.0.1:{port}", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.h, self.n = hashlib.sha256(), 0
-        self.t = threading.Thread(target=self._read, daemon=True)
-        self.t.start()
-
-    def _read(self):
-        while chunk := self.p.stdout.read1(1 << 16):
-            self.h.update(chunk)
-            self.n += len(chunk)
-
-    def wait(self, timeout: float) -> tuple[int, str]:
-        try:
-            rc = self.p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-            raise AssertionError(f"transfer still running after {timeout}s ({self.n} bytes): a hang")
-        self.t.join(10)
-        return rc, self.p.stderr.read().decode()
 
 
 def get_ok(port: int, path: str, size: int, timeout: float = 10) -> bool:
