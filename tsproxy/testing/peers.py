@@ -49,3 +49,30 @@ def require(*names: str, root: bool = True) -> None:
         if in_ci():
             pytest.fail(f"interop peer unavailable in CI: {msg}", pytrace=False)
         pytest.skip(msg)
+
+
+def go_tailscale_env(home: str, logs_dir: str, ca_file: str | None = None,
+                     path: str = "/usr/bin:/bin", **extra: str) -> list[str]:
+    """The environment every Go Tailscale peer (caddy/tsnet, tailscaled) runs with, as
+    `env -i` arguments: no log upload or support reports, a panic instead of ever dialing the
+    real control plane, no port mapping, logs kept in the test's directory, and the test CA
+    (Go's crypto/x509 reads SSL_CERT_FILE on Linux)."""
+    env = {"PATH": path, "HOME": home, "TS_NO_LOGS_NO_SUPPORT": "true",
+           "TS_PANIC_IF_HIT_MAIN_CONTROL": "1", "TS_DISABLE_PORTMAPPER": "1",
+           "TS_LOGS_DIR": logs_dir}
+    if ca_file:
+        env["SSL_CERT_FILE"] = ca_file
+    clash = sorted(set(extra) & set(env))
+    if clash:
+        raise ValueError(f"go_tailscale_env: {', '.join(clash)} cannot be overridden")
+    env.update(extra)
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def read_log(path: str) -> str:
+    """A peer's log file so far ('' before it exists)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""

