@@ -407,14 +407,11 @@ class Node:
     # -- introspection ---------------------------------------------------------------------------
     def status(self) -> dict:
         """The data `tsproxy status --json` shows for a daemon."""
-        common = {
-            "ok": True, "state": self.state, "pid": os.getpid(), "uptime": time.time() - self.started,
-            "addresses": self.addresses,
-            "listeners": [{"kind": k, "address": s.address_text()} for k, s in self.servers],
-            "metrics": None,                       # a Node serves no /metrics of its own
-            "forwards": [fw.describe() for fw in self.forwards.values()],
-            "reverse": [r.describe() for r in self.reverses],
-        }
+        from tsproxy.daemon.statusdoc import merge_counters, status_document
+        common = dict(state=self.state, started=self.started, servers=self.servers,
+                      metrics=None,                # a Node serves no /metrics of its own
+                      forwards=self.forwards.values(), reverses=self.reverses,
+                      process=self._process_status())
         if self.conf is None:
             if self.tailnet is not None:
                 t = self.tailnet.status()
@@ -424,24 +421,16 @@ class Node:
                      "peers": [], "control": {"url": self._control_url, "state": "NoState",
                                               "last_error": "", "failures": 0}}
                 sources = []
-            out = {**common, "mode": "tailscale", "self": t["self"], "control": t["control"],
-                   "auth_url": t["auth_url"], "home_derp": t["home_derp"],
-                   "magicsock": t["magicsock"], "peers": t["peers"],
-                   "routing": t.get("routing")}
-        else:
-            plane = self.wgplane
-            out = {**common, "mode": "wireguard",
-                   "wireguard_port": plane.udp.port if plane and plane.udp and not self._closed else None,
-                   "peers": plane.peer_status() if plane else []}
-            sources = plane.counter_sources() if plane else []
-        out["process"] = self._process_status()
-        counters = {}
-        for prefix, obj in sources + [(f"proxy.{k}", s) for k, s in self.servers]:
-            for k, v in dict(getattr(obj, "counters", None) or {}).items():
-                if isinstance(v, (int, float)):
-                    counters[f"{prefix}.{k}"] = counters.get(f"{prefix}.{k}", 0) + v
-        out["counters"] = counters
-        return out
+            counters = merge_counters([*sources, *((f"proxy.{k}", s) for k, s in self.servers)])
+            return status_document(addresses=self.addresses, tailnet=t, peers=t["peers"],
+                                   counters=counters, **common)
+        plane = self.wgplane
+        sources = plane.counter_sources() if plane else []
+        counters = merge_counters([*sources, *((f"proxy.{k}", s) for k, s in self.servers)])
+        return status_document(
+            addresses=self.addresses, peers=plane.peer_status() if plane else [],
+            wireguard_port=plane.udp.port if plane and plane.udp and not self._closed else None,
+            counters=counters, **common)
 
     def _process_status(self) -> dict:
         from tsproxy.aio import process_status

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from tsproxy.daemon import exposure, ipc, options, statedir, wgconf
+from tsproxy.daemon.statusdoc import merge_counters, status_document
 from tsproxy.errors import ConfigError, TsproxyError
 
 log = logging.getLogger("tsproxy.daemon")
@@ -398,48 +399,22 @@ class Daemon:
         return None
 
     def status(self) -> dict:
-        if self.tailnet is not None:
-            return self._tailnet_status()
-        iface = self.conf.interface
-        now = time.time()
-        peers = self.wgplane.peer_status() if self.wgplane else []
-        return {
-            "ok": True,
-            "state": self.state,
-            "mode": "wireguard",
-            "pid": os.getpid(),
-            "uptime": now - self.started,
-            "addresses": [str(a.ip) for a in iface.addresses],
-            "wireguard_port": self.udp.port if self.udp else None,
-            "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
-            "metrics": self.metrics.address_text() if self.metrics else None,
-            "forwards": [fw.describe() for fw in self.forwards.values()],
-            "reverse": [r.describe() for r in self.reverses],
-            "peers": peers,
-            "counters": self._counters(),
-            "process": self._process_status(),
-        }
-
-    def _tailnet_status(self) -> dict:
+        metrics = self.metrics.address_text() if self.metrics else None
+        common = dict(started=self.started, servers=self.servers, metrics=metrics,
+                      forwards=self.forwards.values(), reverses=self.reverses,
+                      counters=self._counters(), process=self._process_status())
+        if self.tailnet is None:
+            return status_document(
+                state=self.state, addresses=[str(a.ip) for a in self.conf.interface.addresses],
+                wireguard_port=self.udp.port if self.udp else None,
+                peers=self.wgplane.peer_status() if self.wgplane else [], **common)
         t = self.tailnet.status()
         state = self.state
         if state not in ("Running", "Stopping"):
             # logged in but the data plane or the listeners are still coming up: Starting
             state = "Starting" if t["control"]["state"] == "Running" else t["control"]["state"]
-        return {
-            "ok": True, "state": state, "mode": "tailscale", "pid": os.getpid(),
-            "uptime": time.time() - self.started,
-            "addresses": self.tailnet.addresses(),
-            "self": t["self"], "control": t["control"], "auth_url": t["auth_url"],
-            "home_derp": t["home_derp"], "magicsock": t["magicsock"], "routing": t["routing"],
-            "listeners": [{"kind": kind, "address": srv.address_text()} for kind, srv in self.servers],
-            "metrics": self.metrics.address_text() if self.metrics else None,
-            "forwards": [fw.describe() for fw in self.forwards.values()],
-            "reverse": [r.describe() for r in self.reverses],
-            "peers": t["peers"],
-            "counters": self._counters(),
-            "process": self._process_status(),
-        }
+        return status_document(state=state, addresses=self.tailnet.addresses(), tailnet=t,
+                               peers=t["peers"], **common)
 
     def _process_status(self) -> dict:
         from tsproxy.aio import process_status
@@ -464,18 +439,12 @@ class Daemon:
         return out
 
     def _counters(self) -> dict:
-        out = {}
         if self.tailnet is not None:
             sources = self.tailnet.counter_sources()
         else:
             sources = self.wgplane.counter_sources() if self.wgplane else []
-        sources += [(f"proxy.{kind}", srv) for kind, srv in self.servers]
-        sources.append(("ipc", self.ipc))
-        for prefix, obj in sources:
-            for k, v in dict(getattr(obj, "counters", None) or {}).items():
-                if isinstance(v, (int, float)):
-                    out[f"{prefix}.{k}"] = out.get(f"{prefix}.{k}", 0) + v
-        return out
+        return merge_counters([*sources, *((f"proxy.{kind}", srv) for kind, srv in self.servers),
+                               ("ipc", self.ipc)])
 
 
 def _check_udp_port(port: int) -> None:
