@@ -14,7 +14,6 @@ Network safety by construction (tests/README.md):
   is still there at the end.
 """
 
-import json
 import os
 import signal
 import socket

@@ -13,7 +13,7 @@ import os
 import struct
 
 from nacl.bindings import crypto_box_beforenm
-from nacl.public import PrivateKey, PublicKey
+from nacl.public import PrivateKey
 from nacl.secret import SecretBox
 
 MAGIC = b"TS\xf0\x9f\x92\xac"
