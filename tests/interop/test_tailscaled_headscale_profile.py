@@ -40,10 +40,7 @@ def test_tailscaled_registers_and_relays_through_the_embedded_derp(go_ns, hs_net
     try:
         tsp.start(timeout=60)
         tsd.start()
-        r = tsd.up()
-        assert r.returncode == 0, (r.stdout, r.stderr, tsd.log()[-3000:])
-        n = net.wait(lambda: (n := net.control.node("tsd-hs")) is not None and n.online
-                     and n.disco_key and n.home_derp and n, 60, "tailscaled online")
+        n = tsd.join(net)
         assert n.cap >= 133 and n.home_derp == 999
         maps = net.call(lambda: [r for kind, r in net.control.registry.log if kind == "map"
                                  and r.get("NodeKey") == n.node_key])

@@ -83,10 +83,7 @@ def tsd(go_ns, tailnet, tsp, tsd_page):
                       hostname="tsd-io")
     try:
         node.start()
-        r = node.up()
-        assert r.returncode == 0, (r.stdout, r.stderr, node.log()[-3000:])
-        tailnet.wait(lambda: (n := tailnet.control.node("tsd-io")) is not None and n.online
-                     and n.disco_key and n.home_derp, 60, "tailscaled online")
+        node.join(tailnet)
         yield node
     finally:
         unblock_udp(go_ns)

@@ -86,12 +86,9 @@ def tsd(go_ns, tailnet, far):
                       hostname="tsd")
     node.start()
     try:
-        r = node.up()
-        assert r.returncode == 0, (r.stdout, r.stderr, node.log()[-3000:])
+        n = node.join(tailnet)
         r = node.cli("set", "--advertise-exit-node", f"--advertise-routes={SUBNET}")
         assert r.returncode == 0, (r.stdout, r.stderr)
-        n = tailnet.wait(lambda: (n := tailnet.control.node("tsd")) is not None and n.online
-                         and n.disco_key and n.home_derp and n, 60, "tsd online")
         # what tailscaled asked for, as its Hostinfo tells the control server
         hi = tailnet.wait(lambda: (h := tailnet.control.node("tsd").hostinfo).get("RoutableIPs")
                           and h, 30, "tsd advertises routes")

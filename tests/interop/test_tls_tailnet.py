@@ -138,10 +138,7 @@ def test_tailscaled_over_https_reaches_tsproxy_through_verified_derp(go_ns, tls_
     block_udp(go_ns)                         # DERP is the only way between the two
     try:
         tsd.start()
-        r = tsd.up()
-        assert r.returncode == 0, (r.stdout, r.stderr, tsd.log()[-3000:])
-        n = net.wait(lambda: (n := net.control.node("tsd")) is not None and n.online
-                     and n.home_derp and n, 60, "tailscaled registered over https")
+        n = tsd.join(net)                      # registered over https
         assert n.home_derp == 900
         me = tsp.status()["addresses"][0]
         eventually(lambda: tsd.curl(f"http://{me}:8080/").stdout == PAGE, 90,

@@ -101,6 +101,17 @@ class Tailscaled:
                         f"--auth-key=file:{key_file}", f"--hostname={self.hostname}",
                         f"--timeout={int(timeout)}s", timeout=timeout + 10)
 
+    def join(self, net, timeout: float = 60.0):
+        """`tailscale up` against the test tailnet `net` (tsproxy.testing.tailnet.TestTailnet),
+        then wait until its control server sees this node online with a disco key and a home
+        DERP; returns the server's record of the node."""
+        r = self.up(timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"tailscale up failed ({r.returncode}): {r.stdout}{r.stderr}\n"
+                               f"tailscaled log tail:\n{self.log()[-3000:]}")
+        return net.wait(lambda: (n := net.control.node(self.hostname)) is not None and n.online
+                        and n.disco_key and n.home_derp and n, timeout, f"{self.hostname} online")
+
     def curl(self, url: str, *args: str, timeout: float = 20.0):
         """curl inside the namespace through tailscaled's SOCKS5 server."""
         return self.ns.exec(["curl", "-sS", "--max-time", str(timeout), "--socks5-hostname",
