@@ -289,7 +289,9 @@ class SendSide:
 
     def _send_range(self, seq: int, n: int, now: float, retransmit: bool) -> None:
         off = seq - self.buf_seq
-        payload = self.sndbuf[off:off + n]
+        # a view, not a copy: the builder copies the bytes once into the packet (the view is
+        # gone when this returns, before anything can resize the buffer)
+        payload = memoryview(self.sndbuf)[off:off + n]
         flags = PSH if seq + n == self.buf_seq + len(self.sndbuf) else 0
         if self.fin_seq is not None and seq + n >= self.fin_seq:
             flags |= FIN                                        # the FIN rides along (or sits inside)
