@@ -122,11 +122,13 @@ class Packetizer:
         if olen:
             s += _from_bytes(options, "big")
         if plen:
-            # header and options are whole words, so the payload's words line up on its own
-            s += _from_bytes(payload, "big") << 8 if plen & 1 else _from_bytes(payload, "big")
-            s = fold(s)
-        else:
-            s %= 0xFFFF
+            # header and options are whole words, so the payload's words line up on its own;
+            # folded on its own first, the big integer is never copied by an addition
+            p = _from_bytes(payload, "big")
+            if plen & 1:
+                p <<= 8
+            s += fold(p) if plen > 360 else p
+        s %= 0xFFFF
         tcs = ~s & 0xFFFF                             # 0xFFFF and 0 both verify
         if self.v4:
             total = 20 + tcp_len
