@@ -224,3 +224,55 @@ def test_magic_send_batch_reuses_a_direct_plan_only():
     assert a.core.derp_frames_to_send() == []
     assert ep.tx_udp == 5 * len(WG)
     assert ep.paths.last_send == 11.0
+
+
+# -- WgDevice.receive_datagrams: runs of one session ---------------------------------------------
+
+def test_receive_datagrams_batch_equals_one_by_one():
+    from tsproxy.wg.replay import ReplayFilter
+    p = _session()
+    a_peer = next(iter(p.a.peers.values()))
+    rnd = random.Random(9)
+    pkts = [ip4(A_IP, B_IP, rnd.randbytes(rnd.randrange(0, 1300))) for _ in range(40)]
+    pkts[5] = ip4("10.7.7.7", B_IP, b"spoofed source")                  # not a's address
+    p.a.send_packets(pkts, p.now)
+    p.a._send_keepalive(a_peer, p.now)
+    dgs = [(bytes(d), p.a_src) for d, _ in p.a.datagrams_to_send()]
+    bad = bytearray(dgs[3][0])
+    bad[-1] ^= 1                                                          # tag fails
+    batch = dgs[:3] + [(bytes(bad), p.a_src)] + dgs[3:10] + [dgs[4]]      # a replay
+    batch += [(dgs[11][0][:20], p.a_src)]                                 # short
+    batch += [(dgs[12][0], ("192.0.2.99", 7))] + dgs[13:]                # roamed source
+    junk = bytearray(dgs[14][0])
+    junk[4:8] = b"\x01\x02\x03\x04"                                       # unknown index
+    batch.insert(20, (bytes(junk), p.a_src))
+
+    b_peer = next(iter(p.b.peers.values()))
+    kp = b_peer.current
+    fields = ("endpoint", "rx_bytes", "rx_packets", "keepalive_at", "new_handshake_at")
+    snap = {f: getattr(b_peer, f) for f in fields}
+    counters = dict(p.b.counters)
+
+    def run(batched):
+        kp.replay = ReplayFilter()
+        for f, v in snap.items():
+            setattr(b_peer, f, v)
+        p.b.counters = dict(counters)
+        if batched:
+            p.b.receive_datagrams(batch, p.now)
+        else:
+            for d, addr in batch:
+                p.b.receive_datagram(d, addr, p.now)
+        return ([bytes(x) for x in p.b.take_packets()], dict(p.b.counters),
+                {f: getattr(b_peer, f) for f in fields}, p.b.datagrams_to_send())
+
+    one, many = run(False), run(True)
+    assert many == one
+    got, c, peer_state, _ = many
+    assert c["rx_replay"] - counters["rx_replay"] == 1
+    assert c["rx_decrypt_failed"] - counters["rx_decrypt_failed"] == 1
+    assert c["rx_src_not_allowed"] - counters["rx_src_not_allowed"] == 1
+    assert c["rx_unknown_index"] - counters["rx_unknown_index"] == 1
+    assert c["rx_keepalive"] - counters["rx_keepalive"] == 1
+    assert peer_state["endpoint"] == p.a_src                              # roamed back
+    assert len(got) == 37 and got[0] == bytes(pkts[0])          # 41 sent, 10 and 11 lost, 5 spoofed

@@ -351,17 +351,100 @@ class WgDevice:
     def receive_datagrams(self, datagrams, now: float) -> None:
         """A batch [(data, addr), ...] (one wakeup's reads): the same as receive_datagram for
         each, with the transport-data case handled without the dispatch."""
-        counters = self.counters
-        rx_data = self._receive_data
+        rx_run = self._receive_data_run
         rx_other = self.receive_datagram
         n_data = 0
-        for data, addr in datagrams:
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
             if len(data) >= 32 and data[0] == 4 and data[1:4] == b"\0\0\0":
-                n_data += 1
-                rx_data(data, addr, now)
+                j = rx_run(datagrams, i, n, now)
+                n_data += j - i
+                i = j
             else:
                 rx_other(data, addr, now)
-        counters["rx_datagrams"] += n_data
+                i += 1
+        self.counters["rx_datagrams"] += n_data
+
+    def _receive_data_run(self, datagrams, i: int, n: int, now: float) -> int:
+        """_receive_data for the run of transport-data datagrams from datagrams[i] on that
+        share its receiver index and source -> the index after the run.  The session lookup
+        and checks, and the peer bookkeeping, happen once per run; the replay window,
+        decryption and the inner-packet checks stay per packet."""
+        data, addr = datagrams[i]
+        _, idx, _ = _unpack_data_hdr(data)
+        owner = self._index.get(idx)
+        if (owner is None or owner[1] is None or owner[1] is owner[0].next
+                or now - owner[1].created >= REJECT_AFTER_TIME):
+            self._receive_data(data, addr, now)      # unknown, expiring or first use: one by one
+            return i + 1
+        peer, kp = owner
+        replay = kp.replay
+        seen, accept = replay.seen_or_too_old, replay.accept
+        decrypt = kp.recv.decrypt
+        lookup = self.allowed.lookup_packed
+        inbound = self._inbound.append
+        counters = self.counters
+        authenticated = rx_bytes = n_inner = 0
+        k = i
+        while k < n:
+            data, a = datagrams[k]
+            if (a is not addr and a != addr) or len(data) < 32 or data[0] != 4 \
+                    or data[1:4] != b"\0\0\0":
+                break
+            _, idx2, counter = _unpack_data_hdr(data)
+            if idx2 != idx:
+                break
+            k += 1
+            if seen(counter):
+                counters["rx_replay"] += 1
+                continue
+            try:
+                plain = decrypt(_NONCE(counter), data[16:], None)
+            except InvalidTag:
+                counters["rx_decrypt_failed"] += 1
+                continue
+            if not accept(counter):
+                counters["rx_replay"] += 1
+                continue
+            authenticated += 1
+            rx_bytes += len(data)
+            if not plain:
+                counters["rx_keepalive"] += 1
+                continue
+            # strip padding by the inner IP length; check the source is one the peer may use
+            v = plain[0] >> 4
+            if v == 4 and len(plain) >= 20:
+                size = _U16(plain, 2)[0]
+                src_owner = lookup(plain[12:16])
+            elif v == 6 and len(plain) >= 40:
+                size = 40 + _U16(plain, 4)[0]
+                src_owner = lookup(plain[8:24])
+            else:
+                counters["rx_bad_inner"] += 1
+                continue
+            if size > len(plain) or size < 20:
+                counters["rx_bad_inner"] += 1
+                continue
+            if src_owner is not peer:
+                counters["rx_src_not_allowed"] += 1
+                continue
+            n_inner += 1
+            inbound(plain if size == len(plain) else plain[:size])
+        if authenticated:
+            if peer.endpoint != addr:
+                peer.endpoint = addr                 # roaming: authenticated source wins
+            peer.rx_bytes += rx_bytes
+            peer.rx_packets += authenticated
+            peer.new_handshake_at = None             # peer.on_any_authenticated_received
+            cur = peer.current
+            if cur is not None and cur.initiator and now - cur.created > REKEY_ON_RECEIVE_AGE:
+                self._initiate(peer, now)
+            if n_inner:
+                counters["rx_data"] += n_inner
+                if peer.keepalive_at is None:        # peer.on_data_received
+                    peer.keepalive_at = now + KEEPALIVE_TIMEOUT
+        return k
 
     def _receive_data(self, data: bytes, addr, now: float) -> None:
         _, idx, counter = _unpack_data_hdr(data)
