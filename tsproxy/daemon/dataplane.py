@@ -3,13 +3,15 @@
 Pipeline order, from the tunnel up and back (the same in WireGuard mode and on a tailnet):
 
     bind receive (UdpBind: UDP socket, GRO | MagicConn: UDP + DERP, disco/STUN taken out)
-      -> DeviceLoop.receive: WgDevice.receive_datagram per datagram (decrypt, roaming)
+      -> DeviceLoop.receive: WgDevice.receive_datagrams (decrypt per datagram; session lookup
+         and peer bookkeeping once per run of one session's datagrams; roaming)
       -> Pipeline.from_tunnel: inbound packet filter (new flows only), then
       -> NetstackRuntime.deliver (TCP/UDP/ICMP in our stack, up to the Dialer's streams)
 
     NetstackRuntime send_packets (one batch per loop turn)
       -> Pipeline.to_tunnel: the filter notes our outbound UDP flows (their replies pass)
-      -> DeviceLoop.send_packets: WgDevice.send_packet per packet (route by AllowedIPs, encrypt)
+      -> DeviceLoop.send_packets: WgDevice.send_packets (route by AllowedIPs and check the
+         session once per run of packets to one peer, encrypt each)
       -> bind send (UdpBind: GSO runs | MagicConn: direct UDP, DERP, or both while discovering)
 
     one DeadlineTimer on min(WgDevice.next_deadline(), bind.next_deadline())

@@ -333,7 +333,18 @@ class MagicCore:
         udp, derp = self._udp_out, self._derp_out
         only_tcp = self.only_tcp_443
         open_regions = self.derp_open
+        direct_ep = direct_addr = None     # the last peer whose plan was "this UDP path only"
+        direct_bytes = 0
         for data, ep in datagrams:
+            if ep is direct_ep:
+                # the same peer again in this batch at the same `now`: its plan (a trusted
+                # direct path, nothing to discover) cannot have changed since the last datagram
+                udp.append((data, direct_addr))
+                direct_bytes += len(data)
+                continue
+            if direct_ep is not None:
+                direct_ep.tx_udp += direct_bytes
+                direct_ep = None
             if type(ep) is MagicPeer:
                 paths = ep.paths
                 idle = paths.next_heartbeat is None
@@ -354,10 +365,14 @@ class MagicCore:
                     self._send_disco_for(ep)
                 elif idle:
                     self._note_deadline(paths)        # the heartbeat just started
+                elif addr is not None and not region:
+                    direct_ep, direct_addr, direct_bytes = ep, addr, 0
             elif only_tcp:
                 self.counters["tx_udp_blocked"] += 1
             else:
                 udp.append((data, ep))
+        if direct_ep is not None:
+            direct_ep.tx_udp += direct_bytes
 
     def _udp(self, data: bytes, addr: Addr) -> None:
         if self.only_tcp_443:

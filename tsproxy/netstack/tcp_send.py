@@ -254,22 +254,9 @@ class SendSide:
             cwnd = self.cwnd
             if self.recovery is None and 0 < self.dupacks < DUPTHRESH:
                 cwnd += self.dupacks * mss      # limited transmit (RFC 3042): earn a 3rd dupack
-            gate = self.tx_gate
-            while self.snd_max < buf_end:
-                room = min(cwnd - pipe, wnd_end - self.snd_max)
-                if room <= 0:
-                    break
-                n = min(mss, buf_end - self.snd_max, room)
-                if n < mss and n < buf_end - self.snd_max and pipe > 0:
-                    break                                       # wait for a full segment
-                if gate is not None:
-                    if gate.left <= 0:
-                        gate.park(self, now)                    # the stack resumes us after a flush
-                        break
-                    gate.left -= 1
-                self._send_range(self.snd_max, n, now, retransmit=False)
-                pipe += n
-                sent_any = True
+            if self.snd_max < buf_end:
+                pipe, sent = self._send_new(now, buf_end, wnd_end, pipe, cwnd)
+                sent_any = sent_any or sent
             # 3. FIN once everything is sent
             if self.fin_queued and self.fin_seq is None and self.snd_max >= buf_end:
                 if st in CAN_SEND:
@@ -287,9 +274,61 @@ class SendSide:
         if self.ack_now and not sent_any:
             self._emit(self.snd_max, 0)
 
+    def _send_new(self, now: float, buf_end: int, wnd_end: int, pipe: int, cwnd: int):
+        """New data within cwnd and the peer's window -> (pipe, sent any).  What _send_range
+        does for each segment, with the per-flight constants (ACK number, window field, SACK
+        option) computed once and the payload taken from one view of the send buffer."""
+        mss = self.mss
+        gate = self.tx_gate
+        seq = self.snd_max
+        build = self.pk.build
+        append = self.out.append
+        buf_seq = self.buf_seq
+        rcv_nxt = self.rcv_nxt
+        win = None
+        opts = b""
+        first = seq
+        with memoryview(self.sndbuf) as view:     # released before anything resizes the buffer
+            while seq < buf_end:
+                room = min(cwnd - pipe, wnd_end - seq)
+                if room <= 0:
+                    break
+                left = buf_end - seq
+                n = min(mss, left, room)
+                if n < mss and n < left and pipe > 0:
+                    break                                       # wait for a full segment
+                if gate is not None:
+                    if gate.left <= 0:
+                        gate.park(self, now)                    # the stack resumes us after a flush
+                        break
+                    gate.left -= 1
+                if win is None:
+                    win = self._window_field()
+                    if self.sack_ok and self.ooo:
+                        opts = W.sack_option(self._sack_blocks())
+                off = seq - buf_seq
+                end = seq + n
+                append(build(seq, rcv_nxt, (PSH | ACK) if end == buf_end else ACK, win, opts,
+                             view[off:off + n]))
+                seq = end
+                pipe += n
+        if seq == first:
+            return pipe, False
+        if self.rtt_seq is None:
+            self.rtt_seq, self.rtt_time = first + min(mss, seq - first), now   # its first segment
+        self.snd_max = self.snd_nxt = seq
+        self.ack_pending = 0                           # what _emit does once per segment
+        self.ack_now = False
+        self.delack_at = None
+        if self.rto_at is None:
+            self.rto_at = now + self.rto
+        return pipe, True
+
     def _send_range(self, seq: int, n: int, now: float, retransmit: bool) -> None:
         off = seq - self.buf_seq
-        payload = self.sndbuf[off:off + n]
+        # a view, not a copy: the builder copies the bytes once into the packet (the view is
+        # gone when this returns, before anything can resize the buffer)
+        payload = memoryview(self.sndbuf)[off:off + n]
         flags = PSH if seq + n == self.buf_seq + len(self.sndbuf) else 0
         if self.fin_seq is not None and seq + n >= self.fin_seq:
             flags |= FIN                                        # the FIN rides along (or sits inside)

@@ -181,10 +181,70 @@ class WgDevice:
         return True
 
     def send_packets(self, packets, now: float) -> None:
-        """A batch of IP packets (one wakeup's output of the netstack)."""
+        """A batch of IP packets (one wakeup's output of the netstack): the same as
+        send_packet for each, but a run of packets to one peer with a usable session pays the
+        route lookup, the session checks and the peer bookkeeping once per run."""
+        i, n = 0, len(packets)
         send = self.send_packet
-        for p in packets:
-            send(p, now)
+        lookup = self.allowed.lookup_packed
+        while i < n:
+            p = packets[i]
+            i += 1
+            if len(p) < 40 or p[0] >> 4 != 4:           # IPv6, short, odd: the one-by-one path
+                send(p, now)
+                continue
+            dst = bytes(p[16:20])
+            peer = lookup(dst)
+            kp = peer.current if peer is not None else None
+            if (kp is None or peer.endpoint is None or now - kp.created >= REJECT_AFTER_TIME
+                    or kp.send_counter >= REJECT_AFTER_MESSAGES):
+                send(p, now)
+                continue
+            j = i
+            while j < n and len(q := packets[j]) >= 40 and q[0] == p[0] and q[16:20] == dst:
+                j += 1
+            self._encrypt_run(peer, kp, packets, i - 1, j, now)
+            i = j
+            if peer.wants_rekey_on_send(kp, now):
+                self._initiate(peer, now)
+
+    def _encrypt_run(self, peer: Peer, kp: Keypair, packets, i: int, j: int, now: float) -> None:
+        """_encrypt for packets[i:j], all to `peer` under `kp`, the bookkeeping done once."""
+        mtu = self.mtu
+        counter = kp.send_counter
+        stop = min(j, i + REJECT_AFTER_MESSAGES - counter)   # the rest waits for a new session
+        remote = kp.remote_index
+        encrypt_into = kp.send.encrypt_into
+        ep = peer.endpoint
+        append = self._outbound.append
+        sent = 0
+        for k in range(i, stop):
+            packet = packets[k]
+            n = len(packet)
+            pad = -n & 15
+            if pad and n + pad > mtu:
+                pad = max(mtu - n, 0)
+            if pad:
+                packet = packet + _ZERO_PAD[:pad]
+                n += pad
+            out = bytearray(32 + n)
+            _pack_data_hdr_into(out, 0, 4, remote, counter)
+            encrypt_into(_NONCE(counter), packet, None, memoryview(out)[16:])
+            append((out, ep))
+            counter += 1
+            sent += n + 32
+        count = stop - i
+        kp.send_counter = counter
+        peer.tx_bytes += sent
+        peer.tx_packets += count
+        peer.keepalive_at = None
+        if peer.persistent_keepalive:
+            peer.persistent_at = now + peer.persistent_keepalive
+        self.counters["tx_data"] += count
+        if peer.new_handshake_at is None:
+            peer.on_data_sent(now)
+        for k in range(stop, j):                           # past the message limit: stage
+            self.send_packet(packets[k], now)
 
     def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes, now: float) -> None:
         if peer.endpoint is None:
@@ -291,17 +351,100 @@ class WgDevice:
     def receive_datagrams(self, datagrams, now: float) -> None:
         """A batch [(data, addr), ...] (one wakeup's reads): the same as receive_datagram for
         each, with the transport-data case handled without the dispatch."""
-        counters = self.counters
-        rx_data = self._receive_data
+        rx_run = self._receive_data_run
         rx_other = self.receive_datagram
         n_data = 0
-        for data, addr in datagrams:
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
             if len(data) >= 32 and data[0] == 4 and data[1:4] == b"\0\0\0":
-                n_data += 1
-                rx_data(data, addr, now)
+                j = rx_run(datagrams, i, n, now)
+                n_data += j - i
+                i = j
             else:
                 rx_other(data, addr, now)
-        counters["rx_datagrams"] += n_data
+                i += 1
+        self.counters["rx_datagrams"] += n_data
+
+    def _receive_data_run(self, datagrams, i: int, n: int, now: float) -> int:
+        """_receive_data for the run of transport-data datagrams from datagrams[i] on that
+        share its receiver index and source -> the index after the run.  The session lookup
+        and checks, and the peer bookkeeping, happen once per run; the replay window,
+        decryption and the inner-packet checks stay per packet."""
+        data, addr = datagrams[i]
+        _, idx, _ = _unpack_data_hdr(data)
+        owner = self._index.get(idx)
+        if (owner is None or owner[1] is None or owner[1] is owner[0].next
+                or now - owner[1].created >= REJECT_AFTER_TIME):
+            self._receive_data(data, addr, now)      # unknown, expiring or first use: one by one
+            return i + 1
+        peer, kp = owner
+        replay = kp.replay
+        seen, accept = replay.seen_or_too_old, replay.accept
+        decrypt = kp.recv.decrypt
+        lookup = self.allowed.lookup_packed
+        inbound = self._inbound.append
+        counters = self.counters
+        authenticated = rx_bytes = n_inner = 0
+        k = i
+        while k < n:
+            data, a = datagrams[k]
+            if (a is not addr and a != addr) or len(data) < 32 or data[0] != 4 \
+                    or data[1:4] != b"\0\0\0":
+                break
+            _, idx2, counter = _unpack_data_hdr(data)
+            if idx2 != idx:
+                break
+            k += 1
+            if seen(counter):
+                counters["rx_replay"] += 1
+                continue
+            try:
+                plain = decrypt(_NONCE(counter), data[16:], None)
+            except InvalidTag:
+                counters["rx_decrypt_failed"] += 1
+                continue
+            if not accept(counter):
+                counters["rx_replay"] += 1
+                continue
+            authenticated += 1
+            rx_bytes += len(data)
+            if not plain:
+                counters["rx_keepalive"] += 1
+                continue
+            # strip padding by the inner IP length; check the source is one the peer may use
+            v = plain[0] >> 4
+            if v == 4 and len(plain) >= 20:
+                size = _U16(plain, 2)[0]
+                src_owner = lookup(plain[12:16])
+            elif v == 6 and len(plain) >= 40:
+                size = 40 + _U16(plain, 4)[0]
+                src_owner = lookup(plain[8:24])
+            else:
+                counters["rx_bad_inner"] += 1
+                continue
+            if size > len(plain) or size < 20:
+                counters["rx_bad_inner"] += 1
+                continue
+            if src_owner is not peer:
+                counters["rx_src_not_allowed"] += 1
+                continue
+            n_inner += 1
+            inbound(plain if size == len(plain) else plain[:size])
+        if authenticated:
+            if peer.endpoint != addr:
+                peer.endpoint = addr                 # roaming: authenticated source wins
+            peer.rx_bytes += rx_bytes
+            peer.rx_packets += authenticated
+            peer.new_handshake_at = None             # peer.on_any_authenticated_received
+            cur = peer.current
+            if cur is not None and cur.initiator and now - cur.created > REKEY_ON_RECEIVE_AGE:
+                self._initiate(peer, now)
+            if n_inner:
+                counters["rx_data"] += n_inner
+                if peer.keepalive_at is None:        # peer.on_data_received
+                    peer.keepalive_at = now + KEEPALIVE_TIMEOUT
+        return k
 
     def _receive_data(self, data: bytes, addr, now: float) -> None:
         _, idx, counter = _unpack_data_hdr(data)

@@ -3,13 +3,13 @@
     sport 2 | dport 2 | seq 4 | ack 4 | data offset 4 bits, flags 12 bits | window 2 |
     checksum 2 | urgent 2 | options (data offset * 4 - 20)
 
-`Packetizer` precomputes everything constant for one 4-tuple (IP header template, pseudo-
-header sum) so building a segment costs one checksum pass over header and payload.
+`Packetizer` precomputes everything constant for one 4-tuple (IP header pieces, pseudo-header
+and port sum) so building a segment costs one checksum pass over the payload and one copy.
 """
 
 import struct
 
-from tsproxy.netstack.wire.checksum import ones_sum
+from tsproxy.netstack.wire.checksum import fold, ones_sum
 from tsproxy.netstack.wire.ip import DEFAULT_TTL, DF, PROTO_TCP
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
@@ -21,8 +21,9 @@ unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 _V4 = struct.Struct("!BBHHHBBH4s4s")
 _V6 = struct.Struct("!IHBB16s16s")
-_H = struct.Struct("!H")
-_pack_h_into = _H.pack_into
+_IP4_TCP = struct.Struct("!2sH6sH8sHHIIHHHH")    # the IPv4 header's variable fields, then TCP
+_IP6_TCP = struct.Struct("!4sH2s32sHHIIHHHH")
+_join = bytearray().join                           # one allocation for the whole packet
 _from_bytes = int.from_bytes
 
 
@@ -76,52 +77,68 @@ def sack_option(blocks) -> bytes:
 
 
 class Packetizer:
-    """Builds whole IP+TCP packets for one connection (addresses packed, ports ints)."""
+    """Builds whole IP+TCP packets for one connection (addresses packed, ports ints).
 
-    __slots__ = ("v4", "ports_hi", "sport", "dport", "ip_prefix", "ip_suffix", "ip_const_sum",
-                 "pseudo_base", "hlen")
+    The TCP checksum is summed from the header fields as integers plus one conversion of the
+    payload (read straight from the caller's buffer, a memoryview of the send buffer is fine),
+    so the packet is assembled in one join with its checksums already in place: one copy of
+    the payload, no patching.  Byte-identical to summing the finished segment."""
+
+    __slots__ = ("v4", "sport", "dport", "hlen", "ip_const_sum", "pseudo_base", "_pack", "_pre",
+                 "_mid", "_addrs")
 
     def __init__(self, src: bytes, dst: bytes, sport: int, dport: int, ttl: int = DEFAULT_TTL):
         self.v4 = len(src) == 4
         self.sport, self.dport = sport, dport
+        self._addrs = src + dst
         if self.v4:
             hdr = _V4.pack(0x45, 0, 0, 0, DF, ttl, PROTO_TCP, 0, src, dst)
-            self.ip_prefix = hdr
             self.ip_const_sum = ones_sum(hdr)
             self.hlen = 20
+            self._pre, self._mid = hdr[:2], hdr[4:10]           # ver/ihl/tos; id/frag/ttl/proto
+            self._pack = _IP4_TCP.pack
         else:
-            self.ip_prefix = _V6.pack(6 << 28, 0, PROTO_TCP, ttl, src, dst)
+            hdr = _V6.pack(6 << 28, 0, PROTO_TCP, ttl, src, dst)
             self.ip_const_sum = 0
             self.hlen = 40
-        self.pseudo_base = ones_sum(src + dst) + PROTO_TCP
+            self._pre, self._mid = hdr[:4], hdr[6:8]            # ver/class/flow; next hdr/hops
+            self._pack = _IP6_TCP.pack
+        # pseudo-header (addresses, protocol) and the ports: constant for the connection
+        self.pseudo_base = ones_sum(src + dst) + PROTO_TCP + sport + dport
 
     def build(self, seq: int, ack: int, flags: int, window: int, options: bytes = b"",
               payload=b"") -> bytearray:
-        hl = 20 + len(options)
-        tcp_len = hl + len(payload)
-        buf = bytearray(self.ip_prefix)
-        ih = self.hlen
+        olen = len(options)
+        if olen & 3:
+            raise ValueError(f"TCP options must fill 32-bit words, got {olen} bytes")
+        hl = 20 + olen
+        plen = len(payload)
+        tcp_len = hl + plen
+        seq &= 0xFFFFFFFF
+        ack &= 0xFFFFFFFF
+        offflags = (hl << 10) | flags
+        s = (self.pseudo_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16)
+             + (ack & 0xFFFF) + offflags + window)
+        if olen:
+            s += _from_bytes(options, "big")
+        if plen:
+            # header and options are whole words, so the payload's words line up on its own;
+            # folded on its own first, the big integer is never copied by an addition
+            p = _from_bytes(payload, "big")
+            if plen & 1:
+                p <<= 8
+            s += fold(p) if plen > 360 else p
+        s %= 0xFFFF
+        tcs = ~s & 0xFFFF                             # 0xFFFF and 0 both verify
         if self.v4:
-            total = ih + tcp_len
-            _pack_h_into(buf, 2, total)
-            s = (self.ip_const_sum + total) % 0xFFFF
-            _pack_h_into(buf, 10, ~s & 0xFFFF)
+            total = 20 + tcp_len
+            ics = ~((self.ip_const_sum + total) % 0xFFFF) & 0xFFFF
+            hdr = self._pack(self._pre, total, self._mid, ics, self._addrs, self.sport,
+                             self.dport, seq, ack, offflags, window, tcs, 0)
         else:
-            _pack_h_into(buf, 4, tcp_len)
-        buf += _pack_header(self.sport, self.dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                            (hl << 10) | flags, window, 0, 0)
-        if options:
-            buf += options
-        if payload:
-            buf += payload
-        seg = memoryview(buf)[ih:]
-        if tcp_len & 1:
-            s = _from_bytes(seg, "big") * 256
-        else:
-            s = _from_bytes(seg, "big")
-        s = (s + self.pseudo_base + tcp_len) % 0xFFFF
-        _pack_h_into(buf, ih + 16, ~s & 0xFFFF)   # 0xFFFF and 0 both verify
-        return buf
+            hdr = self._pack(self._pre, tcp_len, self._mid, self._addrs, self.sport, self.dport,
+                             seq, ack, offflags, window, tcs, 0)
+        return _join((hdr, options, payload))
 
 
 def segment_checksum_ok(pkt, start: int, end: int, src: bytes, dst: bytes, proto: int) -> bool:
