@@ -220,6 +220,41 @@ def test_syn_retries_then_timeout():
     assert c.error == "timeout" and a.counters["tcp_rto"] == T.SYN_RETRIES + 1
 
 
+def test_connect_deadline_ends_an_unanswered_open_on_the_stack_timer():
+    a, b = pair()
+    c = a.tcp_connect(B, 80, 0.0, timeout=2.5)
+    assert a.next_deadline() == 1.0                  # the first SYN retransmission comes first
+    end = run_until([a, b], Link(loss=1.0), lambda: c.state == T.CLOSED, now=0.0, limit=100)
+    assert end == 2.5 and c.error == "dial_timeout" and a.counters["tcp_rto"] == 1
+    assert any(e == (T.EV_ERROR, "dial_timeout") for e in c.take_events())
+    assert not a.conns and a.next_deadline() is None
+
+
+def test_connect_deadline_is_dropped_once_established():
+    a, b = pair()
+    b.tcp_listen(80)
+    c = a.tcp_connect(B, 80, 0.0, timeout=5.0)
+    run_until([a, b], Link(), lambda: c.state == T.ESTABLISHED, now=0.0)
+    assert c.connect_by is None
+    assert c.next_deadline() is None or c.next_deadline() < 5.0 or c.rto_at is not None
+
+
+def test_connect_deadline_in_simultaneous_open_resets_the_peer():
+    a, _ = pair()
+    c = a.tcp_connect(B, 80, 0.0, timeout=3.0)
+    a.packets_to_send()
+    # the peer's own SYN to our port crosses ours: SYN_RECEIVED, then nothing more
+    syn = W.Packetizer(ipaddress.ip_address(B).packed, ipaddress.ip_address(A).packed,
+                       80, c.key[3]).build(5000, 0, W.SYN, 65535)
+    a.receive_packet(syn, 0.5)
+    assert c.state == T.SYN_RECEIVED
+    a.packets_to_send()
+    a.handle_timer(3.0)
+    assert c.state == T.CLOSED and c.error == "dial_timeout"
+    out = [W.unpack_header(p, ip.parse(p)[4]) for p in a.packets_to_send()]
+    assert any(h[4] & W.RST for h in out)
+
+
 def test_listener_backlog_bounds_half_open_connections():
     a, b = pair()
     b.tcp_listen(80, backlog=4)
@@ -269,6 +304,21 @@ def test_ephemeral_ports_do_not_collide():
     a, b = pair()
     ports = {a.tcp_connect(B, 80, 0.0).key[3] for _ in range(2000)}
     assert len(ports) == 2000 and all(49152 <= p <= 65535 for p in ports)
+
+
+def test_ephemeral_ports_go_round_and_skip_ports_in_use():
+    a, _ = pair()
+    a._next_port = 16383                             # the last port of the range
+    first = a.tcp_connect(B, 80, 0.0).key[3]
+    assert first == 65535
+    a.udp_bind(49152)                                # the next one is taken by UDP
+    assert a.tcp_connect(B, 80, 0.0).key[3] == 49153
+    ports = [a.tcp_connect(B, 80, 0.0).key[3] for _ in range(3)]
+    assert ports == [49154, 49155, 49156]
+    # the same port again only for another destination, never for a live 4-tuple
+    a._next_port = 1
+    assert a.tcp_connect(B, 81, 0.0).key[3] == 49153
+    assert a.tcp_connect(B, 80, 0.0).key[3] == 49157
 
 
 def test_isn_is_keyed_and_advances_with_time():

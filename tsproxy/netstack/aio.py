@@ -31,7 +31,7 @@ def _dial_error(kind: str | None, where: str) -> DialError:
         return ConnectionRefused(f"{where}: connection refused")
     if kind == "prohibited":
         return NotAllowed(f"{where}: administratively prohibited")
-    if kind == "timeout":
+    if kind == "timeout" or kind == "dial_timeout":
         return DialTimeout(f"{where}: connection timed out")
     if kind == "ttl":
         return HostUnreachable(f"{where}: TTL expired in transit")
@@ -54,9 +54,6 @@ class TcpStream:
         self._eof_wanted = False
         self._closing = False
         self.error: str | None = None
-        raddr, rport, laddr, lport = conn.key
-        self._peer = (str(ipaddress.ip_address(raddr)), rport)
-        self._sock = (str(ipaddress.ip_address(laddr)), lport)
 
     # ---- events from the connection
     def _on_event(self, kind, detail) -> None:
@@ -70,11 +67,11 @@ class TcpStream:
         elif kind == T.EV_ERROR:
             self.error = detail
             if not self.connected.done():
-                self.connected.set_exception(_dial_error(detail, "%s:%d" % self._peer))
+                self.connected.set_exception(_dial_error(detail, "%s:%d" % self._address(0)))
             self._wake_all()
         elif kind == T.EV_CLOSED:
             if not self.connected.done():
-                self.connected.set_exception(_dial_error(self.error or "reset", "%s:%d" % self._peer))
+                self.connected.set_exception(_dial_error(self.error or "reset", "%s:%d" % self._address(0)))
             self._wake_all()
             if not self._closed_fut.done():
                 self._closed_fut.set_result(None)
@@ -276,10 +273,15 @@ class TcpStream:
 
     def get_extra_info(self, name: str, default=None):
         if name == "peername":
-            return self._peer
+            return self._address(0)
         if name == "sockname":
-            return self._sock
+            return self._address(2)
         return default
+
+    def _address(self, i: int) -> tuple[str, int]:
+        """(ip text, port) of the key's remote (0) or local (2) end, made when asked."""
+        key = self.conn.key
+        return str(ipaddress.ip_address(key[i])), key[i + 1]
 
 
 class UdpEndpoint:
@@ -389,17 +391,19 @@ class NetstackRuntime:
         if self.closed:
             raise NetworkUnreachable("the tunnel is shut down")
         try:
-            conn = self.stack.tcp_connect(ip, port, self.loop.time())
+            # the deadline is the connection's own, on the stack's one timer
+            conn = self.stack.tcp_connect(ip, port, self.loop.time(), timeout=timeout)
         except ValueError as e:
             raise HostUnreachable(str(e)) from None
         stream = TcpStream(self, conn)
         self.streams[conn] = stream
         self.kick()
         try:
-            async with asyncio.timeout(timeout):
-                await stream.connected
-        except TimeoutError:
+            await stream.connected
+        except DialTimeout:
             stream.abort()
+            if stream.error != "dial_timeout":
+                raise
             where = f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
             raise DialTimeout(f"{where}: no answer within {timeout:g} s") from None
         except BaseException:

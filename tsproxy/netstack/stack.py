@@ -23,6 +23,7 @@ import hashlib
 import heapq
 import ipaddress
 import os
+import struct
 
 from tsproxy.errors import NetworkUnreachable
 from tsproxy.netstack import tcp as T
@@ -36,6 +37,7 @@ EPHEMERAL_LO, EPHEMERAL_HI = 49152, 65535
 DEFAULT_BACKLOG = 256
 UDP_QUEUE_MAX = 1024
 MAX_CONNECTIONS = 65536
+_PORT = struct.Struct("!H")
 
 
 class UdpSocket:
@@ -86,6 +88,9 @@ class Stack:
         self.rcv_buf = rcv_buf
         self.snd_buf = snd_buf
         self._isn_secret = rng(16)
+        # ephemeral ports go round from a random start: a 4-tuple comes back as late as
+        # possible (after TIME_WAIT) and a connection costs no random draw
+        self._next_port = int.from_bytes(rng(2), "big")
         self.out: list = []
         self.conns: dict = {}                       # (raddr, rport, laddr, lport) -> conn
         self.listeners: dict[int, int] = {}         # port -> backlog
@@ -122,8 +127,9 @@ class Stack:
 
     # ---------------------------------------------------------------- TCP open
     def _isn(self, key, now: float) -> int:
-        h = hashlib.blake2s(self._isn_secret + b"".join(
-            k if isinstance(k, bytes) else k.to_bytes(2, "big") for k in key), digest_size=4).digest()
+        raddr, rport, laddr, lport = key       # RFC 6528: clock + keyed hash of the 4-tuple
+        h = hashlib.blake2s(raddr + _PORT.pack(rport) + laddr + _PORT.pack(lport),
+                            key=self._isn_secret, digest_size=4).digest()
         return (int(now * 250000) + int.from_bytes(h, "big")) & T.M32
 
     def _mss(self, version: int) -> int:
@@ -147,7 +153,10 @@ class Stack:
         self.ports_in_use[(laddr, lport)] += 1
         return conn
 
-    def tcp_connect(self, dst_ip, dst_port: int, now: float, **kw) -> T.TcpConnection:
+    def tcp_connect(self, dst_ip, dst_port: int, now: float, *, timeout: float | None = None,
+                    **kw) -> T.TcpConnection:
+        """Active open; with `timeout`, a connection not established by then ends with
+        error "dial_timeout" (on the stack's one timer, no timer of its own)."""
         dst = ipaddress.ip_address(dst_ip)
         if not 0 < dst_port < 65536:
             raise ValueError("port out of range")
@@ -156,17 +165,20 @@ class Stack:
             raise NetworkUnreachable("too many connections")
         lport = self._ephemeral(laddr, dst.packed, dst_port)
         conn = self._new_conn((dst.packed, dst_port, laddr, lport), now, **kw)
+        if timeout is not None:
+            conn.connect_by = now + timeout
         conn.connect(now)
         self._dirty.add(conn)
         return conn
 
     def _ephemeral(self, laddr: bytes, raddr: bytes, rport: int) -> int:
         span = EPHEMERAL_HI - EPHEMERAL_LO + 1
-        start = int.from_bytes(self.rng(2), "big") % span
+        start = self._next_port
         for i in range(span):
             port = EPHEMERAL_LO + (start + i) % span
             if (raddr, rport, laddr, port) not in self.conns and port not in self.udp \
                     and port not in self.listeners:
+                self._next_port = (start + i + 1) % span
                 return port
         raise NetworkUnreachable("no free local port")
 

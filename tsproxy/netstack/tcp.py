@@ -24,6 +24,8 @@ Seam with stack.py (the stack owns demux, ports, listeners and ISNs; see
                   rcv_cap=4 MiB, snd_cap=4 MiB, sack=True, wscale=7 | None, msl=30.0,
                   keepalive=None | idle seconds, cc=None)
     connect(now)                                active open (sends SYN)
+    connect_by = deadline                       optional: not established by then -> error
+                                                "dial_timeout" (an abort, RST if synchronizing)
     accept_syn(seq, window, options, now)       passive open for a listener's SYN
     receive_segment(seq, ack, flags, window, options: bytes, payload, now)   wire values
     next_deadline() -> float | None ; handle_timer(now)
@@ -126,6 +128,7 @@ class TcpConnection(SendSide, ReceiveSide):
         self.persist_at: float | None = None
         self.persist_backoff = 0
         self.time_wait_at: float | None = None
+        self.connect_by: float | None = None   # an active open's deadline (stack.tcp_connect)
         self.keepalive = keepalive
         self.keepalive_at: float | None = None
         self.keepalive_probes = 0
@@ -214,8 +217,10 @@ class TcpConnection(SendSide, ReceiveSide):
         self.counters[name] = self.counters.get(name, 0) + 1
 
     def _event(self, *ev) -> None:
-        if ev[0] == EV_CONNECTED and self.keepalive is not None:
-            self.keepalive_at = self.last_rx + self.keepalive
+        if ev[0] == EV_CONNECTED:
+            self.connect_by = None
+            if self.keepalive is not None:
+                self.keepalive_at = self.last_rx + self.keepalive
         self.events.append(ev)
         if self.notify is not None:
             self.notify(self)
@@ -229,6 +234,7 @@ class TcpConnection(SendSide, ReceiveSide):
             return
         self.state = CLOSED
         self.rto_at = self.delack_at = self.persist_at = self.time_wait_at = self.keepalive_at = None
+        self.connect_by = None
         if self.budget is not None:
             self.budget.detach(self)
         if error is not None:
@@ -441,7 +447,7 @@ class TcpConnection(SendSide, ReceiveSide):
 
     # ================================================================ timers
     def next_deadline(self) -> float | None:
-        best = None
+        best = self.connect_by
         for d in (self.rto_at, self.delack_at, self.persist_at, self.time_wait_at, self.keepalive_at):
             if d is not None and (best is None or d < best):
                 best = d
@@ -451,6 +457,11 @@ class TcpConnection(SendSide, ReceiveSide):
         if self.time_wait_at is not None and now >= self.time_wait_at:
             self.time_wait_at = None
             self._to_closed(None)
+            return
+        if self.connect_by is not None and now >= self.connect_by:
+            if self.state == SYN_RECEIVED:     # simultaneous open half done: tell the peer
+                self.out.append(self.pk.build(self.snd_nxt, self.rcv_nxt, RST | ACK, 0))
+            self._to_closed("dial_timeout")
             return
         if self.rto_at is not None and now >= self.rto_at:
             self.rto_at = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from tsproxy.errors import DialError, RemoteProtocolError
 from tsproxy.proxy.aio import http_server, socks_server
@@ -76,23 +75,28 @@ class ProxyServer:
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
         self.counters["accepted"] += 1
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (TCP_NODELAY: asyncio and uvloop set it on every accepted TCP socket)
         try:
+            req = None
             try:
+                # one timer for the first byte and the whole SOCKS handshake
                 async with asyncio.timeout(self.handshake_timeout):
                     first = await reader.read(1)
+                    if not first:
+                        return
+                    kind = first[0]
+                    socks = kind in (4, 5)
+                    if socks and self.protocols != "http":
+                        self.counters["socks5" if kind == 5 else "socks4"] += 1
+                        req = await socks_server.handshake(self, first, reader, writer)
+                        if req is None:
+                            return
             except TimeoutError:
                 self.counters["handshake_timeout"] += 1
                 return
-            if not first:
-                return
-            kind = first[0]
-            if kind in (4, 5) and self.protocols != "http":
-                self.counters["socks5" if kind == 5 else "socks4"] += 1
-                await socks_server.serve(self, first, reader, writer)
-            elif kind not in (4, 5) and self.protocols != "socks5":
+            if req is not None:
+                await socks_server.serve(self, req, reader, writer)
+            elif not socks and self.protocols != "socks5":
                 self.counters["http"] += 1
                 await http_server.serve(self, first, reader, writer)
             else:
@@ -102,8 +106,10 @@ class ProxyServer:
         except Exception:
             log.exception("proxy connection failed")
         finally:
-            try:
-                await asyncio.wait_for(writer.drain(), 1.0)
-            except (Exception, asyncio.CancelledError):
-                pass
-            writer.transport.abort() if writer.transport.get_write_buffer_size() else writer.close()
+            transport = writer.transport
+            if transport.get_write_buffer_size():
+                try:
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                except (Exception, asyncio.CancelledError):
+                    pass
+            transport.abort() if transport.get_write_buffer_size() else writer.close()

@@ -42,84 +42,112 @@ async def _read_until(reader, buf: bytearray, parse):
         buf += data
 
 
-async def serve(srv, first: bytes, reader, writer) -> None:
+class Request:
+    """A SOCKS request read off the client: what to do once the handshake is over."""
+    __slots__ = ("version", "cmd", "host", "port", "buf", "prefix")
+
+    def __init__(self, version: int, cmd: int, host: str, port: int, buf: bytearray,
+                 prefix: bytes = b""):
+        self.version, self.cmd, self.host, self.port = version, cmd, host, port
+        self.buf = buf            # bytes the client pipelined after the request
+        self.prefix = prefix      # a method choice not sent yet: it goes with the reply
+
+
+def _pipelined(buf: bytearray) -> bool:
+    """A whole request is already here (the client did not wait for the method choice)."""
+    try:
+        return socks.parse_request(buf) is not None
+    except RemoteProtocolError:
+        return False              # reported by the real parse, after the method choice
+
+
+async def handshake(srv, first: bytes, reader, writer) -> Request | None:
+    """The SOCKS5 or SOCKS4 handshake up to the request (the caller bounds it in time); None
+    when it was refused and answered here.  A SOCKS5 client that sent its request together
+    with its greeting gets the method choice in one write with the reply (one segment and
+    one client wakeup less; for the client the bytes are the same)."""
     buf = bytearray(first)
     if first[0] == 4:
-        return await _serve4(srv, buf, reader, writer)
+        cmd, host, port, _userid = await _read_until(reader, buf, socks.parse_socks4)
+        return Request(4, cmd, host, port, buf)
     try:
-        async with asyncio.timeout(srv.handshake_timeout):
-            methods = await _read_until(reader, buf, socks.parse_greeting)
-            if srv.auth is not None:
-                if socks.METHOD_USERPASS not in methods:
-                    writer.write(bytes((5, socks.METHOD_UNACCEPTABLE)))
-                    srv.counters["auth_failed"] += 1
-                    return
-                writer.write(bytes((5, socks.METHOD_USERPASS)))
-                user, password = await _read_until(reader, buf, socks.parse_userpass)
-                if not srv.auth.check(user, password):
-                    writer.write(b"\x01\x01")
-                    srv.counters["auth_failed"] += 1
-                    return
-                writer.write(b"\x01\x00")
+        methods = await _read_until(reader, buf, socks.parse_greeting)
+        prefix = b""
+        if srv.auth is not None:
+            if socks.METHOD_USERPASS not in methods:
+                writer.write(bytes((5, socks.METHOD_UNACCEPTABLE)))
+                srv.counters["auth_failed"] += 1
+                return None
+            writer.write(bytes((5, socks.METHOD_USERPASS)))
+            user, password = await _read_until(reader, buf, socks.parse_userpass)
+            if not srv.auth.check(user, password):
+                writer.write(b"\x01\x01")
+                srv.counters["auth_failed"] += 1
+                return None
+            writer.write(b"\x01\x00")
+        else:
+            if socks.METHOD_NONE not in methods:
+                writer.write(bytes((5, socks.METHOD_UNACCEPTABLE)))
+                return None
+            if _pipelined(buf):
+                prefix = bytes((5, socks.METHOD_NONE))
             else:
-                if socks.METHOD_NONE not in methods:
-                    writer.write(bytes((5, socks.METHOD_UNACCEPTABLE)))
-                    return
                 writer.write(bytes((5, socks.METHOD_NONE)))
-            try:
-                cmd, host, port = await _read_until(reader, buf, socks.parse_request)
-            except socks.AddressTypeError:
-                writer.write(socks.reply(socks.REP_ATYP_UNSUPPORTED))
-                srv.counters["bad_request"] += 1
-                return
-    except TimeoutError:
-        srv.counters["handshake_timeout"] += 1
-        return
+        try:
+            cmd, host, port = await _read_until(reader, buf, socks.parse_request)
+        except socks.AddressTypeError:
+            writer.write(prefix + socks.reply(socks.REP_ATYP_UNSUPPORTED))
+            srv.counters["bad_request"] += 1
+            return None
     except RemoteProtocolError:
         srv.counters["bad_request"] += 1
         raise
-    if cmd == socks.CMD_CONNECT:
+    return Request(5, cmd, host, port, buf, prefix)
+
+
+async def serve(srv, req: Request, reader, writer) -> None:
+    """Carry out a request `handshake` returned: CONNECT and relay, UDP ASSOCIATE, or refuse."""
+    if req.version == 4:
+        return await _serve4(srv, req, reader, writer)
+    prefix = req.prefix
+    if req.cmd == socks.CMD_CONNECT:
         try:
-            ur, uw = await srv.dialer.open_connection(host, port)
+            ur, uw = await srv.dialer.open_connection(req.host, req.port)
         except DialError as e:
             srv.counters["dial_failed"] += 1
-            writer.write(socks.reply(reply_code(e)))
+            writer.write(prefix + socks.reply(reply_code(e)))
             await writer.drain()
             return
         bnd = uw.get_extra_info("sockname") or ("0.0.0.0", 0)
-        writer.write(socks.reply(socks.REP_OK, str(bnd[0]), int(bnd[1])))
-        if buf:                                # data pipelined after the request
-            uw.write(bytes(buf))
+        writer.write(prefix + socks.reply(socks.REP_OK, str(bnd[0]), int(bnd[1])))
+        if req.buf:                            # data pipelined after the request
+            uw.write(bytes(req.buf))
         await relay(reader, writer, ur, uw)
-    elif cmd == socks.CMD_UDP:
-        await _udp_associate(srv, host, port, reader, writer)
+    elif req.cmd == socks.CMD_UDP:
+        if prefix:
+            writer.write(prefix)
+        await _udp_associate(srv, req.host, req.port, reader, writer)
     else:
-        writer.write(socks.reply(socks.REP_CMD_UNSUPPORTED))
+        writer.write(prefix + socks.reply(socks.REP_CMD_UNSUPPORTED))
         await writer.drain()
 
 
-async def _serve4(srv, buf, reader, writer) -> None:
-    try:
-        async with asyncio.timeout(srv.handshake_timeout):
-            cmd, host, port, _userid = await _read_until(reader, buf, socks.parse_socks4)
-    except TimeoutError:
-        srv.counters["handshake_timeout"] += 1
-        return
+async def _serve4(srv, req: Request, reader, writer) -> None:
     # SOCKS4 has no password: with auth configured it is refused outright
-    if cmd != socks.CMD_CONNECT or srv.auth is not None:
+    if req.cmd != socks.CMD_CONNECT or srv.auth is not None:
         writer.write(socks.socks4_reply(socks.S4_REJECTED))
         await writer.drain()
         return
     try:
-        ur, uw = await srv.dialer.open_connection(host, port)
+        ur, uw = await srv.dialer.open_connection(req.host, req.port)
     except DialError:
         srv.counters["dial_failed"] += 1
         writer.write(socks.socks4_reply(socks.S4_REJECTED))
         await writer.drain()
         return
     writer.write(socks.socks4_reply(socks.S4_GRANTED))
-    if buf:
-        uw.write(bytes(buf))
+    if req.buf:
+        uw.write(bytes(req.buf))
     await relay(reader, writer, ur, uw)
 
 
