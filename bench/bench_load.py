@@ -40,7 +40,8 @@ from tsproxy.testing import loadgen  # noqa: E402
 COUNTER_KEYS = ("netstack.tcp_rto", "netstack.tcp_retransmit", "netstack.tcp_backlog_drop",
                 "udp.rx_errors", "udp.tx_errors", "magicsock.rx_udp", "udp.rx_datagrams",
                 "udp.tx_datagrams", "netstack.tcp_window_update_resent",
-                "netstack.tcp_zero_window_probe", "netstack.tcp_rx_unacceptable")
+                "netstack.tcp_zero_window_probe", "netstack.tcp_rx_unacceptable",
+                "memory.heap_trims", "memory.heap_trim_released_bytes")
 
 
 def snapshot(d: Daemon) -> dict:
@@ -90,15 +91,28 @@ class Sampler(threading.Thread):
             return
         persist = rto = 0
         pt = self.peer_timers
-        for kind, backoff in re.findall(r"timer:\((persist|on),[^,]*,(\d+)\)", out):
+        for kind, left, count in re.findall(r"timer:\((persist|on),([^,]*),(\d+)\)", out):
+            secs = _ss_seconds(left)
             if kind == "persist":
                 persist += 1
+                pt["max_persist_left_s"] = max(pt.get("max_persist_left_s", 0.0), secs)
             else:
                 rto += 1
-            pt["max_backoff"] = max(pt["max_backoff"], int(backoff))
+                pt["max_rto_left_s"] = max(pt.get("max_rto_left_s", 0.0), secs)
+            pt["max_backoff"] = max(pt["max_backoff"], int(count))
         pt["samples"] += 1
         pt["max_persist"] = max(pt["max_persist"], persist)
         pt["max_rto"] = max(pt["max_rto"], rto)
+
+
+def _ss_seconds(text: str) -> float:
+    """ss's timer left ("1min2sec", "1.2sec", "400ms") in seconds; the time left reveals the
+    backoff (a persist timer's count field is reset by every ACK, its backoff is not)."""
+    import re
+    total = 0.0
+    for num, unit in re.findall(r"([\d.]+)(min|sec|ms)", text):
+        total += float(num) * {"min": 60.0, "sec": 1.0, "ms": 0.001}[unit]
+    return total
 
 
 def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, peer_pid: int | None,
@@ -134,16 +148,24 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
 
 def settle(d: Daemon, base: dict, timeout: float = 60.0) -> dict:
     """Wait (under a deadline) until the daemon's fds and asyncio tasks are back near the
-    baseline; returns the snapshot then, with how long it took (whatever it is: a leak shows
-    in the report)."""
+    baseline, then up to 15 s for its RSS; returns the snapshot then, with how long it took
+    (whatever it is: a leak shows in the report)."""
     t0 = time.monotonic()
     while True:
         s = snapshot(d)
         s["settle_s"] = round(time.monotonic() - t0, 1)
         if (s["fds"] <= base["fds"] + 2 and s["asyncio_tasks"] <= base["asyncio_tasks"] + 2) \
                 or time.monotonic() - t0 > timeout:
-            return s
+            break
         time.sleep(0.5)
+    # the daemon trims its heap within a few seconds of the load ending (daemon/memtrim.py):
+    # RSS is taken once it is back near the baseline or 15 s after fds and tasks were
+    t1 = time.monotonic()
+    while s["rss_MB"] > base["rss_MB"] + 10 and time.monotonic() - t1 < 15:
+        time.sleep(1)
+        s = snapshot(d)
+    s["settle_s"] = round(time.monotonic() - t0, 1)
+    return s
 
 
 def run_mode(mode: str, a, work: str) -> dict:

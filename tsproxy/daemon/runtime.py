@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tsproxy.daemon import exposure, ipc, options, statedir, wgconf
+from tsproxy.daemon import exposure, ipc, memtrim, options, statedir, wgconf
 from tsproxy.errors import ConfigError, TsproxyError
 
 log = logging.getLogger("tsproxy.daemon")
@@ -147,6 +147,7 @@ class Daemon:
         self.metrics = None            # MetricsServer with --metrics
         self.wgplane = None            # WgPlane in plain WireGuard mode
         self._pacs: list = []          # PacConfigs of the listeners, refreshed per netmap
+        self.heap_trimmer = memtrim.HeapTrimmer()
 
     # -- build -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -154,9 +155,14 @@ class Daemon:
         self.stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        if self.conf is None:
-            return await self._run_tailnet()
-        return await self._run_wireguard()
+        # freed heap back to the system once a load peak is over (tsproxy/daemon/memtrim.py)
+        trim = asyncio.create_task(self.heap_trimmer.watch(memtrim.task_count), name="heap-trim")
+        try:
+            if self.conf is None:
+                return await self._run_tailnet()
+            return await self._run_wireguard()
+        finally:
+            trim.cancel()
 
     async def _run_tailnet(self) -> int:
         from tsproxy.daemon.tailnet import TailnetPlane
@@ -471,6 +477,7 @@ class Daemon:
             sources = self.wgplane.counter_sources() if self.wgplane else []
         sources += [(f"proxy.{kind}", srv) for kind, srv in self.servers]
         sources.append(("ipc", self.ipc))
+        sources.append(("memory", self.heap_trimmer))
         for prefix, obj in sources:
             for k, v in dict(getattr(obj, "counters", None) or {}).items():
                 if isinstance(v, (int, float)):
