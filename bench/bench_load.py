@@ -38,7 +38,10 @@ from tests.conftest import Daemon, free_port  # noqa: E402
 from tsproxy.testing import loadgen  # noqa: E402
 
 COUNTER_KEYS = ("netstack.tcp_rto", "netstack.tcp_retransmit", "netstack.tcp_backlog_drop",
-                "udp.rx_errors", "udp.tx_errors", "magicsock.rx_udp", "udp.rx_datagrams")
+                "udp.rx_errors", "udp.tx_errors", "magicsock.rx_udp", "udp.rx_datagrams",
+                "udp.tx_datagrams", "netstack.tcp_window_update_resent",
+                "netstack.tcp_zero_window_probe", "netstack.tcp_rx_unacceptable",
+                "memory.heap_trims", "memory.heap_trim_released_bytes")
 
 
 def snapshot(d: Daemon) -> dict:
@@ -53,16 +56,25 @@ def snapshot(d: Daemon) -> dict:
 
 
 class Sampler(threading.Thread):
-    """Peak RSS and fds of the daemon while a round runs (every 0.5 s)."""
+    """Peak RSS and fds of the daemon while a round runs (every 0.5 s); with `peer_ns`, every
+    2 s the peer's Linux senders' timers (`ss -tno` in its namespace): how many wait on the
+    persist timer (window too small to send) or on a retransmission timer, and the largest
+    backoff count seen (Linux doubles the timer at each)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, peer_ns=None):
         super().__init__(daemon=True)
         self.pid, self.peak_rss, self.peak_fds, self.stop_ev = pid, 0, 0, threading.Event()
         self.rss_series: list[tuple[float, float]] = []
+        self.peer_ns = peer_ns
+        self.peer_timers = {"samples": 0, "max_persist": 0, "max_rto": 0, "max_backoff": 0}
 
     def run(self):
         t0 = time.monotonic()
+        n = 0
         while not self.stop_ev.wait(0.5):
+            n += 1
+            if self.peer_ns is not None and n % 4 == 0:
+                self._peer_timers()
             try:
                 rss, fds = loadgen.proc_rss(self.pid), loadgen.proc_fds(self.pid)
             except OSError:
@@ -70,13 +82,46 @@ class Sampler(threading.Thread):
             self.peak_rss, self.peak_fds = max(self.peak_rss, rss), max(self.peak_fds, fds)
             self.rss_series.append((round(time.monotonic() - t0, 1), round(rss / 1e6, 1)))
 
+    def _peer_timers(self):
+        import re
+        try:
+            out = self.peer_ns.exec(["ss", "-tnoH", "state", "established"], check=False,
+                                    timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return
+        persist = rto = 0
+        pt = self.peer_timers
+        for kind, left, count in re.findall(r"timer:\((persist|on),([^,]*),(\d+)\)", out):
+            secs = _ss_seconds(left)
+            if kind == "persist":
+                persist += 1
+                pt["max_persist_left_s"] = max(pt.get("max_persist_left_s", 0.0), secs)
+            else:
+                rto += 1
+                pt["max_rto_left_s"] = max(pt.get("max_rto_left_s", 0.0), secs)
+            pt["max_backoff"] = max(pt["max_backoff"], int(count))
+        pt["samples"] += 1
+        pt["max_persist"] = max(pt["max_persist"], persist)
+        pt["max_rto"] = max(pt["max_rto"], rto)
 
-def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, peer_pid: int | None) -> dict:
+
+def _ss_seconds(text: str) -> float:
+    """ss's timer left ("1min2sec", "1.2sec", "400ms") in seconds; the time left reveals the
+    backoff (a persist timer's count field is reset by every ACK, its backoff is not)."""
+    import re
+    total = 0.0
+    for num, unit in re.findall(r"([\d.]+)(min|sec|ms)", text):
+        total += float(num) * {"min": 60.0, "sec": 1.0, "ms": 0.001}[unit]
+    return total
+
+
+def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, peer_pid: int | None,
+              peer_ns=None) -> dict:
     pid = d.status()["pid"]
     before = snapshot(d)
     snmp0, sock0 = loadgen.udp_snmp(), loadgen.udp_socket_drops(udp_port)
     peer0 = loadgen.udp_snmp(peer_pid) if peer_pid else None
-    sampler = Sampler(pid)
+    sampler = Sampler(pid, peer_ns)
     sampler.start()
     cmd = [sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port), "--host", host,
            "--n", str(a.conns), "--size", str(a.size), "--timeout", str(a.timeout),
@@ -95,22 +140,32 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
     r["daemon_counters_delta"] = {k: after["counters"].get(k, 0) - before["counters"].get(k, 0)
                                   for k in after["counters"]}
     r["peak_rss_MB"], r["peak_fds"] = sampler.peak_rss / 1e6, sampler.peak_fds
+    if peer_ns is not None:
+        r["peer_tcp_timers"] = sampler.peer_timers
     r["rss_series_MB"] = sampler.rss_series[::4]
     return r
 
 
 def settle(d: Daemon, base: dict, timeout: float = 60.0) -> dict:
     """Wait (under a deadline) until the daemon's fds and asyncio tasks are back near the
-    baseline; returns the snapshot then, with how long it took (whatever it is: a leak shows
-    in the report)."""
+    baseline, then up to 15 s for its RSS; returns the snapshot then, with how long it took
+    (whatever it is: a leak shows in the report)."""
     t0 = time.monotonic()
     while True:
         s = snapshot(d)
         s["settle_s"] = round(time.monotonic() - t0, 1)
         if (s["fds"] <= base["fds"] + 2 and s["asyncio_tasks"] <= base["asyncio_tasks"] + 2) \
                 or time.monotonic() - t0 > timeout:
-            return s
+            break
         time.sleep(0.5)
+    # the daemon trims its heap within a few seconds of the load ending (daemon/memtrim.py):
+    # RSS is taken once it is back near the baseline or 15 s after fds and tasks were
+    t1 = time.monotonic()
+    while s["rss_MB"] > base["rss_MB"] + 10 and time.monotonic() - t1 < 15:
+        time.sleep(1)
+        s = snapshot(d)
+    s["settle_s"] = round(time.monotonic() - t0, 1)
+    return s
 
 
 def run_mode(mode: str, a, work: str) -> dict:
@@ -119,10 +174,11 @@ def run_mode(mode: str, a, work: str) -> dict:
         from tsproxy.testing.wgpeer import PEER_IP4, WireGuardPeer
         peer = WireGuardPeer(os.path.join(work, "wgpeer")).start()
         cleanup = [peer.stop]
-        host, prefix, peer_pid = PEER_IP4, "", peer.wg_proc.pid
+        host, prefix, peer_pid, peer_ns = PEER_IP4, "", peer.wg_proc.pid, peer
         args = ["--wg-config", peer.write_client_conf(), "--listen", f"127.0.0.1:{port}"]
     else:
         host, prefix, peer_pid, args, cleanup = tailnet_setup(a, work, port)
+        peer_ns = None
     d = Daemon(os.path.join(work, f"daemon-{mode}"), args)
     cleanup.insert(0, d.stop)
     try:
@@ -139,11 +195,15 @@ def run_mode(mode: str, a, work: str) -> dict:
         baseline = snapshot(d)
         rounds = []
         for i in range(a.rounds):
-            r = run_round(d, port, a, host, prefix, udp_port, peer_pid)
+            r = run_round(d, port, a, host, prefix, udp_port, peer_pid, peer_ns)
             rounds.append(r)
+            peer_drops = (r.get("peer_ns_udp_errors") or {}).get("Udp.RcvbufErrors", "-")
             print(f"  [{mode}] round {i + 1}: {r['ok']}/{r['transfers']} ok, {r['rate_MBps']:.1f} MB/s, "
                   f"{r['seconds']:.1f} s, max gap {r['max_gap_s']:.2f} s, "
-                  f"socket drops {r['tsproxy_socket_drops']}", flush=True)
+                  f"socket drops {r['tsproxy_socket_drops']}, peer ns drops {peer_drops}, "
+                  f"peer timers {r.get('peer_tcp_timers')}, "
+                  f"counters { {k.split('.')[-1]: v for k, v in r['daemon_counters_delta'].items() if v} }",
+                  flush=True)
             r["after"] = settle(d, baseline)
         final = settle(d, baseline)
         return {"mode": mode, "conns": a.conns, "size": a.size, "udp_port": udp_port,

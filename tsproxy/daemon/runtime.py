@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tsproxy.daemon import exposure, ipc, options, statedir, wgconf
+from tsproxy.daemon import exposure, ipc, memtrim, options, statedir, wgconf
 from tsproxy.daemon.statusdoc import merge_counters, status_document
 from tsproxy.errors import ConfigError, TsproxyError
 
@@ -148,6 +148,7 @@ class Daemon:
         self.metrics = None            # MetricsServer with --metrics
         self.wgplane = None            # WgPlane in plain WireGuard mode
         self._pacs: list = []          # PacConfigs of the listeners, refreshed per netmap
+        self.heap_trimmer = memtrim.HeapTrimmer()
 
     # -- build -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -155,9 +156,14 @@ class Daemon:
         self.stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        if self.conf is None:
-            return await self._run_tailnet()
-        return await self._run_wireguard()
+        # freed heap back to the system once a load peak is over (tsproxy/daemon/memtrim.py)
+        trim = asyncio.create_task(self.heap_trimmer.watch(memtrim.task_count), name="heap-trim")
+        try:
+            if self.conf is None:
+                return await self._run_tailnet()
+            return await self._run_wireguard()
+        finally:
+            trim.cancel()
 
     async def _run_tailnet(self) -> int:
         from tsproxy.daemon.tailnet import TailnetPlane
@@ -444,7 +450,7 @@ class Daemon:
         else:
             sources = self.wgplane.counter_sources() if self.wgplane else []
         return merge_counters([*sources, *((f"proxy.{kind}", srv) for kind, srv in self.servers),
-                               ("ipc", self.ipc)])
+                               ("ipc", self.ipc), ("memory", self.heap_trimmer)])
 
 
 def _check_udp_port(port: int) -> None:

@@ -234,7 +234,7 @@ class TcpConnection(SendSide, ReceiveSide):
             return
         self.state = CLOSED
         self.rto_at = self.delack_at = self.persist_at = self.time_wait_at = self.keepalive_at = None
-        self.connect_by = None
+        self.connect_by = self.wnd_nudge_at = None
         if self.budget is not None:
             self.budget.detach(self)
         if error is not None:
@@ -448,7 +448,8 @@ class TcpConnection(SendSide, ReceiveSide):
     # ================================================================ timers
     def next_deadline(self) -> float | None:
         best = self.connect_by
-        for d in (self.rto_at, self.delack_at, self.persist_at, self.time_wait_at, self.keepalive_at):
+        for d in (self.rto_at, self.delack_at, self.persist_at, self.time_wait_at, self.keepalive_at,
+                  self.wnd_nudge_at):
             if d is not None and (best is None or d < best):
                 best = d
         return best
@@ -481,6 +482,10 @@ class TcpConnection(SendSide, ReceiveSide):
                 self.counters["tcp_zero_window_probe"] = self.counters.get("tcp_zero_window_probe", 0) + 1
                 self.persist_backoff = min(self.persist_backoff + 1, 10)
                 self.persist_at = now + min(self.rto * (1 << self.persist_backoff), PERSIST_MAX)
+        if self.wnd_nudge_at is not None and now >= self.wnd_nudge_at:
+            self.on_wnd_nudge(now)                 # tcp_recv.py: a reopening update again
+        elif self.wnd_reopened:
+            self._arm_nudge(now)                   # a delayed ACK above reopened the window
         if self.keepalive_at is not None and now >= self.keepalive_at:
             if self.keepalive_probes >= 9:
                 self._to_closed("timeout")

@@ -6,6 +6,12 @@ The advertised window is what is free in the receive buffer (`rcv_cap` less what
 within what the stack's shared receive budget grants (tcp_budget.py), never shrunk once
 advertised (RFC 9293 3.8.6).  ACKs are decimated: one per two segments, or one per input
 batch when the stack batches (`ack_defer`), immediately for out-of-order data.
+
+A window update that reopens a window the sender could not send a full segment into is made
+reliable: if no in-order data arrives within a short interval, the ACK is sent again (a few
+times, backing off).  Without that, one lost update leaves the sender on its persist or
+retransmission timer, whose exponential backoff (up to 120 s on Linux) turns a single drop
+in a congested peer's socket into a stall of tens of seconds.
 """
 
 from __future__ import annotations
@@ -14,10 +20,18 @@ import bisect
 
 from tsproxy.netstack.tcp_seq import CAN_RECEIVE_DATA, DELACK, EV_READABLE, SYNCHRONIZED
 
+# re-sending a reopening window update: first after 2 x SRTT within these bounds, then doubling
+WND_NUDGE_MIN = 0.2
+WND_NUDGE_MAX = 0.4
+WND_NUDGE_TRIES = 5               # 0.2-0.4 s .. 3.2-6.4 s after the update: then the peer's timers
+
 
 class ReceiveSide:
     budget = None                     # the stack's ReceiveBudget (tcp_budget.py), if any
     ack_defer = None                  # the stack's set of connections to ack at batch end
+    wnd_reopened = False              # an ACK just reopened a window below one segment
+    wnd_nudge_at = None               # when to send that update again if no data came
+    wnd_nudges = 0                    # re-sends of the current update so far
 
     def recv(self, max_bytes: int, now: float) -> bytes:
         buf = self.rcv_buf
@@ -35,6 +49,8 @@ class ReceiveSide:
         if self.state in CAN_RECEIVE_DATA and self._window_update_due():
             self.ack_now = True
             self._output(now)
+        if self.wnd_reopened:
+            self._arm_nudge(now)
         return data
 
     def _held(self) -> int:
@@ -68,12 +84,47 @@ class ReceiveSide:
         if self.state in CAN_RECEIVE_DATA and self._window_update_due():
             self.ack_now = True
             self._output(now)
+        if self.wnd_reopened:
+            self._arm_nudge(now)
 
     def flush_ack(self, now: float) -> None:
         """End of an input batch: one ACK for the in-order data it brought (decimation)."""
         if self.ack_pending and self.state in SYNCHRONIZED:
             self.ack_now = True
             self._output(now)
+        if self.wnd_reopened:
+            self._arm_nudge(now)
+
+    # -- reliable window updates ---------------------------------------------------------------
+    def _arm_nudge(self, now: float) -> None:
+        """An ACK reopened the window (see _window_field): expect data within the interval."""
+        self.wnd_reopened = False
+        if self.state not in CAN_RECEIVE_DATA or self.remote_fin is not None:
+            return
+        self.wnd_nudges = 0
+        self.wnd_nudge_at = now + self._nudge_interval()
+
+    def _nudge_interval(self) -> float:
+        srtt = self.srtt
+        if srtt is None:
+            return WND_NUDGE_MAX
+        t = 2 * srtt
+        return WND_NUDGE_MIN if t < WND_NUDGE_MIN else WND_NUDGE_MAX if t > WND_NUDGE_MAX else t
+
+    def on_wnd_nudge(self, now: float) -> None:
+        """The reopening update brought no data in time: it (or the data) may have been lost
+        in a peer's full socket.  Send the ACK again while the window is still open."""
+        self.wnd_nudge_at = None
+        if self.state not in CAN_RECEIVE_DATA or self.remote_fin is not None \
+                or self.rcv_adv - self.rcv_nxt < self.mss:
+            return                    # finished, or the window is small again: a read reopens it
+        self.counters["tcp_window_update_resent"] = self.counters.get("tcp_window_update_resent", 0) + 1
+        self.ack_now = True
+        self._output(now)
+        self.wnd_reopened = False
+        self.wnd_nudges += 1
+        if self.wnd_nudges < WND_NUDGE_TRIES:
+            self.wnd_nudge_at = now + self._nudge_interval() * (1 << self.wnd_nudges)
 
     def readable_bytes(self) -> int:
         return len(self.rcv_buf)
@@ -115,6 +166,7 @@ class ReceiveSide:
         """One more in-order segment to acknowledge: ack every 2nd (RFC 9293 3.8.6.3), else arm
         the delayed ACK; inside an input batch the stack sends one ACK for all of them at its
         end (they would leave together)."""
+        self.wnd_nudge_at = None                        # the sender is sending: no nudge due
         self.ack_pending += 1
         if self.ack_pending >= 2:
             if self.ack_defer is None:
@@ -197,6 +249,9 @@ class ReceiveSide:
     def _window_field(self) -> int:
         rn = self.rcv_nxt
         base = self.rcv_adv if self.rcv_adv > rn else rn
+        # the sender could not send a full segment into what we advertised (data has come:
+        # the handshake's first window is not a reopening)
+        was_blocked = base - rn < self.mss and rn > self.irs + 1
         edge = rn + self._free()
         b = self.budget
         if edge > base:
@@ -212,6 +267,8 @@ class ReceiveSide:
         adv = rn + (win << self.rcv_wscale)
         if adv > self.rcv_adv:
             self.rcv_adv = adv
+            if was_blocked and adv - rn >= self.mss:
+                self.wnd_reopened = True                  # armed by the caller (_arm_nudge)
         if b is not None:
             b.set_held(self, self._held())
         return win

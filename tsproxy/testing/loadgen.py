@@ -202,6 +202,8 @@ def summarize(results: list[Transfer]) -> dict:
     worst = max(results, key=lambda r: r.max_gap, default=None)
     slowest = max(results, key=lambda r: r.duration, default=None)
     durations = sorted(r.duration for r in results)
+    late = max(results, key=lambda r: r.first_byte, default=None)
+    firsts = sorted(r.first_byte for r in results)
     return {
         "transfers": len(results), "ok": len(ok), "failed": len(results) - len(ok),
         "errors": errors, "body_bytes": total, "seconds": wall, "rate_MBps": total / wall / 1e6,
@@ -209,6 +211,11 @@ def summarize(results: list[Transfer]) -> dict:
         "max_gap_conn": {"index": worst.index, "kind": worst.kind} if worst else None,
         "conns_with_gap_over_1s": sum(1 for r in results if r.gaps_over_1s),
         "max_first_byte_s": max((r.first_byte for r in results), default=0.0),
+        "first_byte_p50_s": firsts[len(firsts) // 2] if firsts else 0.0,
+        "first_byte_p90_s": firsts[len(firsts) * 9 // 10] if firsts else 0.0,
+        "max_first_byte_conn": ({"index": late.index, "kind": late.kind,
+                                 "handshake_s": (late.t_request - late.t_start) if late.t_request else None}
+                                if late else None),
         "slowest_conn": ({"index": slowest.index, "kind": slowest.kind, "seconds": slowest.duration,
                           "max_gap_s": slowest.max_gap} if slowest else None),
         "duration_p50_s": durations[len(durations) // 2] if durations else 0.0,
