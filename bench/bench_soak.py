@@ -4,6 +4,7 @@ WireGuard rekeys, in plain WireGuard mode against the wireguard-go peer.
 
     .venv/bin/python bench/bench_soak.py --minutes 10            # rekey every 30 s
     .venv/bin/python bench/bench_soak.py --minutes 10 --rekey-after 0   # protocol's 120 s
+    .venv/bin/python bench/bench_soak.py --minutes 3 --trace     # what happened at each stall
 
 Traffic (tsproxy.testing.soak): bulk downloads (20 MB each, again and again, SOCKS5 and HTTP),
 many short connections (1 kB; SOCKS5 by name `peer.tunnel.test`, resolved by the daemon through
@@ -12,8 +13,13 @@ queries to its DNS server through UDP forwards.  Every transfer is checked (leng
 `--rekey-after S` runs the daemon through tsproxy.testing.fastrekey (REKEY_AFTER_TIME = S).
 
 Reports: transfers ok/failed (with errors), the longest gap between two chunks of any transfer
-(goal < 1 s) and the longest wait for a first byte, UDP answers lost, rekeys (completed
-handshakes), RSS over time (goal: flat), fds and asyncio tasks, drops on tsproxy's UDP socket.
+(goal < 1 s), the longest wait for a first byte and the longest connect through the proxy, UDP
+answers lost, rekeys (completed handshakes), RSS over time (goal: flat), fds and asyncio tasks,
+drops on tsproxy's UDP socket, the soak client's own CPU and longest loop lag.
+
+`--trace`: the daemon records loop lag, GC pauses, handshakes and RTOs (tsproxy.testing.soaktrace),
+the peer namespace's TCP/UDP counters and TUN drops are sampled every 0.25 s, and each stall over
+0.4 s (and each UDP answer lost) is printed with what was recorded around it.
 Writes bench/results/soak-<UTC>.json.
 """
 
