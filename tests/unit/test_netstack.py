@@ -369,3 +369,42 @@ def test_random_packets_into_the_stack_are_counted(data):
     a.receive_packet(b"\x45" + data, 0.0)
     a.receive_packet(b"\x60" + data, 0.0)
     assert sum(a.counters.values()) >= 1
+
+
+def test_syn_to_a_host_with_a_known_rtt_is_retransmitted_after_that_rto_not_1_s():
+    """A lost SYN-ACK (the soak saw them dropped in a busy peer's TUN queue) cost every new
+    connection the 1 s initial RTO; a host whose RTT an earlier connection measured gets its
+    SYN retransmitted after that connection's RTO (floored at RTO_MIN) instead."""
+    a, b = pair()
+    b.tcp_listen(80)
+    first = a.tcp_connect(B, 80, 0.0)
+    assert first.rto == T.RTO_INITIAL                      # nothing known about B yet
+    app = App(a, b, first, b"q" * 5000, b"r" * 5000)
+    run_until([a, b], Link(), lambda: first.state == T.CLOSED, now=0.0, on_step=app.step, limit=600)
+    srtt, rttvar = a.rtt_cache[ipaddress.ip_address(B).packed]
+    assert srtt == first.srtt and 0 < srtt < 0.1
+
+    second = a.tcp_connect(B, 80, 100.0)
+    assert second.rto == max(srtt + 4 * rttvar, T.RTO_MIN) < T.RTO_INITIAL
+    a.packets_to_send()                                    # the first SYN is lost
+    a.handle_timer(100.0 + second.rto)
+    again = a.packets_to_send()
+    assert len(again) == 1 and a.counters["tcp_rto_syn"] == 1
+    for p in again:
+        b.receive_packet(p, 100.0 + second.rto)
+    for p in b.packets_to_send():
+        a.receive_packet(p, 100.0 + second.rto)
+    assert second.state == T.ESTABLISHED
+    assert a.tcp_connect("10.0.0.3", 80, 100.0).rto == T.RTO_INITIAL   # another host: 1 s
+
+
+def test_rtt_cache_is_bounded():
+    from tsproxy.netstack import stack as S
+    a, _ = pair()
+    for i in range(S.RTT_CACHE_HOSTS + 10):
+        c = a.tcp_connect(f"10.1.{i // 250}.{i % 250 + 1}", 80, 0.0)
+        c.srtt, c.rttvar = 0.01, 0.005
+        c.abort(0.0)
+        a.poke(c)
+    assert len(a.rtt_cache) == S.RTT_CACHE_HOSTS
+    assert ipaddress.ip_address("10.1.0.1").packed not in a.rtt_cache       # the oldest went

@@ -38,6 +38,7 @@ DEFAULT_BACKLOG = 256
 UDP_QUEUE_MAX = 1024
 MAX_CONNECTIONS = 65536
 _PORT = struct.Struct("!H")
+RTT_CACHE_HOSTS = 1024                     # hosts whose last RTT seeds a new connection's SYN timer
 
 
 class UdpSocket:
@@ -106,6 +107,7 @@ class Stack:
         # the sum of every connection's receive window (tcp_budget.py); None: unbounded
         self.budget = ReceiveBudget(rcv_budget) if rcv_budget else None
         self._ack_due: set = set()                  # connections owing an ACK at batch end
+        self.rtt_cache: dict = {}                   # remote address -> (srtt, rttvar) of its last connection
         # new-data segments per flush of the outbox, all connections together; None: unbounded
         self.tx_gate = SendQuota(tx_burst) if tx_burst else None
 
@@ -167,6 +169,11 @@ class Stack:
         conn = self._new_conn((dst.packed, dst_port, laddr, lport), now, **kw)
         if timeout is not None:
             conn.connect_by = now + timeout
+        rtt = self.rtt_cache.get(dst.packed)
+        if rtt is not None:
+            # this host's RTT is known from earlier connections (RFC 6298 2.1 asks for 1 s only
+            # until one is measured): a lost SYN or SYN-ACK costs ~RTO, not a full second
+            conn.rto = min(max(rtt[0] + 4 * rtt[1], T.RTO_MIN), T.RTO_INITIAL)
         conn.connect(now)
         self._dirty.add(conn)
         return conn
@@ -222,6 +229,12 @@ class Stack:
     def _remove(self, conn) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+            if conn.srtt is not None:            # remembered for the next SYN to this host
+                cache = self.rtt_cache
+                cache.pop(conn.key[0], None)
+                if len(cache) >= RTT_CACHE_HOSTS:
+                    del cache[next(iter(cache))]     # the least recently updated host
+                cache[conn.key[0]] = (conn.srtt, conn.rttvar)
             self.ports_in_use[(conn.key[2], conn.key[3])] -= 1
             if getattr(conn, "half_open", False):
                 self.pending[conn.key[3]] -= 1

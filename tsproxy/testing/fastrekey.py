@@ -11,6 +11,7 @@ this hook sets it, rather than silently running with the real timers.
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -27,6 +28,9 @@ def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
     apply(float(argv[0]))
+    if os.environ.get("TSPROXY_SOAK_TRACE"):
+        from tsproxy.testing import soaktrace
+        soaktrace.install(os.environ["TSPROXY_SOAK_TRACE"])
     import runpy
     sys.argv = ["tsproxy", *argv[1:]]
     runpy.run_module("tsproxy", run_name="__main__", alter_sys=True)

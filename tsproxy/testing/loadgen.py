@@ -36,6 +36,7 @@ class Transfer:
     t_first: float = 0.0          # first body or header byte after the request
     t_end: float = 0.0
     max_gap: float = 0.0          # longest time between two received chunks (after the first)
+    max_gap_at: float = 0.0       # monotonic: when that longest gap ended
     gaps_over_1s: int = 0
 
     @property
@@ -134,7 +135,7 @@ async def _receive(t: Transfer, reader: asyncio.StreamReader, idle: float, want_
         else:
             gap = now - last
             if gap > t.max_gap:
-                t.max_gap = gap
+                t.max_gap, t.max_gap_at = gap, now
             if gap > 1.0:
                 t.gaps_over_1s += 1
         last = now

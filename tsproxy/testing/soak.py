@@ -22,6 +22,18 @@ import time
 
 from tsproxy.testing import loadgen
 
+SLOW = 0.3        # gaps, connects, first bytes, UDP answers over this go into rep["events"]
+
+
+def runqueue_wait() -> float:
+    """Seconds this thread has waited for a CPU while runnable (/proc/self/schedstat; 0 where
+    the kernel has no schedstats): tells a starved process from a busy one."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
 
 class _Udp(asyncio.DatagramProtocol):
     """Answers matched to their question by the first `key_len` bytes (echo: a sequence
@@ -75,10 +87,14 @@ async def _udp_worker(stop: float, echo_port: int | None, dns_port: int | None, 
                 except TimeoutError:
                     proto.waiting.pop(key, None)
                     rep[f"udp_{kind}_lost"] += 1
+                    rep["events"].append({"ev": f"udp_{kind}_lost", "t": round(t0, 3)})
                     continue
                 ok = data == msg if kind == "echo" else (data[:2] == key and data[2] & 0x80)
                 rep[f"udp_{kind}_ok" if ok else f"udp_{kind}_bad"] += 1
-                rep["udp_max_rtt_s"] = max(rep["udp_max_rtt_s"], time.monotonic() - t0)
+                rtt = time.monotonic() - t0
+                rep["udp_max_rtt_s"] = max(rep["udp_max_rtt_s"], rtt)
+                if rtt > SLOW:
+                    rep["events"].append({"ev": f"udp_{kind}_slow", "t": round(t0, 3), "s": round(rtt, 3)})
             await asyncio.sleep(0.05)
     finally:
         for tr, _ in socks.values():
@@ -91,11 +107,13 @@ async def run(*, proxy_port: int, host: str, seconds: float, bulk: int = 4,
               dns_name: str = "peer.tunnel.test", sample=None, every: float = 5.0) -> dict:
     rep: dict = {"bulk_ok": 0, "short_ok": 0, "failures": [], "max_gap_s": 0.0,
                  "max_gap_at_s": None, "max_first_byte_s": 0.0, "bulk_bytes": 0,
-                 "udp_max_rtt_s": 0.0, "samples": []}
+                 "max_connect_s": 0.0,
+                 "udp_max_rtt_s": 0.0, "samples": [], "events": [], "t0_monotonic": time.monotonic()}
     for kind in ("echo", "dns"):
         for what in ("sent", "ok", "bad", "lost"):
             rep[f"udp_{kind}_{what}"] = 0
     t0 = time.monotonic()
+    cpu0 = time.process_time()
     stop = t0 + seconds
 
     def note(t: loadgen.Transfer, kind: str) -> None:
@@ -107,6 +125,17 @@ async def run(*, proxy_port: int, host: str, seconds: float, bulk: int = 4,
         if t.max_gap > rep["max_gap_s"]:
             rep["max_gap_s"], rep["max_gap_at_s"] = t.max_gap, round(t.t_end - t0, 1)
         rep["max_first_byte_s"] = max(rep["max_first_byte_s"], t.first_byte)
+        connect = (t.t_request - t.t_start) if t.t_request else 0.0
+        rep["max_connect_s"] = max(rep["max_connect_s"], connect)
+        if connect > SLOW:
+            rep["events"].append({"ev": "connect", "t": round(t.t_request, 3), "s": round(connect, 3),
+                                  "kind": kind, "via": t.kind})
+        if t.max_gap > SLOW:
+            rep["events"].append({"ev": "gap", "t": round(t.max_gap_at, 3), "s": round(t.max_gap, 3),
+                                  "kind": kind, "via": t.kind, "bytes": t.body_bytes})
+        if t.first_byte > SLOW:
+            rep["events"].append({"ev": "first_byte", "t": round(t.t_first, 3),
+                                  "s": round(t.first_byte, 3), "kind": kind, "via": t.kind})
 
     async def bulk_worker(w: int) -> None:
         n = 0
@@ -136,7 +165,19 @@ async def run(*, proxy_port: int, host: str, seconds: float, bulk: int = 4,
                 return
             await asyncio.sleep(min(every, max(stop - time.monotonic(), 0.1)))
 
+    async def lag() -> None:
+        # the client's own loop: a stall here would show up as a gap in every transfer
+        while time.monotonic() < stop:
+            t1, w1 = time.monotonic(), runqueue_wait()
+            await asyncio.sleep(0.02)
+            late = time.monotonic() - t1 - 0.02
+            rep["client_max_lag_s"] = max(rep.get("client_max_lag_s", 0.0), late)
+            if late > 0.1:
+                rep["events"].append({"ev": "client_lag", "t": round(t1, 3), "s": round(late, 3),
+                                      "runq_s": round(runqueue_wait() - w1, 3)})
+
     tasks = [asyncio.create_task(bulk_worker(w)) for w in range(bulk)]
+    tasks.append(asyncio.create_task(lag()))
     tasks += [asyncio.create_task(short_worker(w)) for w in range(short)]
     if echo_port or dns_port:
         tasks.append(asyncio.create_task(_udp_worker(stop, echo_port, dns_port, dns_name, rep)))
@@ -144,5 +185,6 @@ async def run(*, proxy_port: int, host: str, seconds: float, bulk: int = 4,
         tasks.append(asyncio.create_task(sampler()))
     await asyncio.gather(*tasks)
     rep["seconds"] = time.monotonic() - t0
+    rep["client_cpu_s"] = time.process_time() - cpu0
     rep["failed"] = len(rep["failures"])
     return rep
