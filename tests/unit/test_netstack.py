@@ -5,13 +5,12 @@ import os
 import random
 import struct
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from tsproxy.netstack import tcp as T
 from tsproxy.netstack.stack import Stack
 from tsproxy.netstack.wire import checksum as C
-from tsproxy.netstack.wire import icmp, ip, udp
+from tsproxy.netstack.wire import ip
 from tsproxy.netstack.wire import tcp as W
 from tsproxy.testing.link import Link, run_until
 
@@ -207,7 +206,7 @@ def test_rto_backs_off_then_times_out():
     rtos = []
     def step(now):
         rtos.append(c.rto)
-    end = run_until([a, b], dead, lambda: c.state == T.CLOSED, now=1.0, on_step=step, limit=4000)
+    run_until([a, b], dead, lambda: c.state == T.CLOSED, now=1.0, on_step=step, limit=4000)
     assert c.error == "timeout"
     assert max(rtos) == T.RTO_MAX and min(r for r in rtos if r > 0) < 1.0
     assert a.counters["tcp_rto"] >= T.DATA_RETRIES

@@ -1,7 +1,6 @@
 """The transmit fast path: the checksum fold, the one-join segment builder and WgDevice's
 batched send must give exactly what the straightforward code gives."""
 
-import ipaddress
 import os
 import random
 import struct

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from tsproxy.netstack import tcp as T
 from tsproxy.netstack.tcp_cc import Cubic, NewReno
 
 from tests.unit.test_tcp_engine import Pair, connect, run

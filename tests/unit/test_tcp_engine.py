@@ -506,7 +506,7 @@ def _drive_to(state):
         return p, p.a
     if state == T.CLOSING:
         p.b.close(1.0)
-        fa, fb = p.take("a"), p.take("b")
+        _, fb = p.take("a"), p.take("b")
         p.feed("b", fb, 1.0)
         p.take("a")
         return p, p.a

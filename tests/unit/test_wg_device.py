@@ -1,7 +1,6 @@
 """Two WgDevices back to back in memory, with an explicit clock."""
 
 import ipaddress
-import itertools
 import struct
 
 import pytest

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, NotAllowed,
+from tsproxy.errors import (DialError, DialTimeout, NotAllowed,
                             RemoteProtocolError)
 from tsproxy.proxy import http
 from tsproxy.proxy.aio.relay import relay

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 
 from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, HostUnreachable,
                             NetworkUnreachable, NotAllowed, RemoteProtocolError)
