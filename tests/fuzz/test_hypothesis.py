@@ -209,7 +209,7 @@ def test_netstack_valid_checksum_packets(segs):
     for v6, dport, sport, seq, ack, flags, win, opts, payload, kind in segs:
         src, dst = (A6, B6) if v6 else (A4, B4)
         if kind == "tcp":
-            opts = opts[:40 - len(opts) % 4] if len(opts) % 4 else opts
+            opts = opts[:len(opts) - len(opts) % 4]        # whole 32-bit words, as TCP needs
             if sport % 3 == 0 and known:           # aim at an existing connection
                 key = list(known.values())[sport % len(known)]
                 src, sport, dst, dport = key
