@@ -3,6 +3,7 @@ hand): one ACK per input batch of in-order data, one per two segments without ba
 no window update for a reader that keeps up, SACK-carrying ACKs for out-of-order data
 coalesced per batch (duplicate ACKs kept without SACK), and loss-recovery details."""
 
+from tests.netstack_pair import established_pair
 from tsproxy.netstack import tcp as T
 from tsproxy.netstack.stack import Stack
 from tsproxy.netstack.wire import tcp as W
@@ -13,20 +14,7 @@ MSS = 1380
 
 def established(**kw):
     """a connected to b; returns (a, b, ca, cb) with nothing in flight."""
-    a = Stack([A], mtu=1420, now=0.0, **kw)
-    b = Stack([B], mtu=1420, now=0.0, **kw)
-    b.tcp_listen(80)
-    ca = a.tcp_connect(B, 80, 0.0)
-    for _ in range(4):
-        for p in a.packets_to_send():
-            b.receive_packet(p, 0.0)
-        for p in b.packets_to_send():
-            a.receive_packet(p, 0.0)
-    cb = next(c for c in b.conns.values() if c.passive)
-    a.take_touched()
-    b.take_touched()
-    assert ca.state == cb.state == T.ESTABLISHED
-    return a, b, ca, cb
+    return established_pair(kw, kw)
 
 
 def segments_from(stack, conn, n):

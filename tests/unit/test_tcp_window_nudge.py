@@ -4,8 +4,7 @@ costs a fraction of a second, not the sender's persist/RTO backoff; and the shar
 budget never advertises a connection with an empty buffer less than its floor.  Sans-IO: two
 stacks, packets moved (or dropped) by hand."""
 
-from tsproxy.netstack import tcp as T
-from tsproxy.netstack.stack import Stack
+from tests.netstack_pair import established_pair
 from tsproxy.netstack.tcp_recv import WND_NUDGE_MAX, WND_NUDGE_TRIES
 from tsproxy.netstack.wire import tcp as W
 
@@ -15,20 +14,7 @@ SMALL = 4 * MSS                      # a's receive buffer: four segments
 
 
 def established(rcv_buf=SMALL, **kw):
-    a = Stack([A], mtu=1420, now=0.0, rcv_buf=rcv_buf, **kw)
-    b = Stack([B], mtu=1420, now=0.0)
-    b.tcp_listen(80)
-    ca = a.tcp_connect(B, 80, 0.0)
-    for _ in range(4):
-        for p in a.packets_to_send():
-            b.receive_packet(p, 0.0)
-        for p in b.packets_to_send():
-            a.receive_packet(p, 0.0)
-    cb = next(c for c in b.conns.values() if c.passive)
-    a.take_touched()
-    b.take_touched()
-    assert ca.state == cb.state == T.ESTABLISHED
-    return a, b, ca, cb
+    return established_pair(dict(rcv_buf=rcv_buf, **kw), {})
 
 
 def window_of(pkt) -> int:
