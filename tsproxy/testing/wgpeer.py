@@ -25,6 +25,8 @@ from tsproxy.testing.peers import find_binary
 PEER_IP4, PEER_IP6 = "100.64.0.2", "fd7a:115c:a1e0::2"
 CLIENT_IP4, CLIENT_IP6 = "100.64.0.1", "fd7a:115c:a1e0::1"
 WG_PORT = 51820
+_SYS_PIDFD_GETFD = 438          # x86_64 and aarch64 alike (asm-generic)
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33
 MTU = 1420
 DNS_NAME = "peer.tunnel.test"
 
@@ -112,6 +114,50 @@ class WireGuardPeer:
             os.unlink(f"/var/run/wireguard/{self.ifname}.sock")
         except FileNotFoundError:
             pass
+
+    def set_socket_buffers(self, size: int) -> int:
+        """Give wireguard-go's UDP socket(s) `size`-byte receive and send buffers, as current
+        wireguard-go (>= 0.0.20230223) asks for itself (7 MiB); Debian's 0.0.20220316 keeps the
+        kernel default (208 KiB), which `net.core.rmem_default` cannot raise from inside its
+        namespace.  Done from outside (root): the socket is borrowed with pidfd_getfd(2), the
+        options set on the shared socket, the borrowed descriptor closed.  Returns how many
+        sockets were changed."""
+        import ctypes
+        import socket
+        pid = self.wg_proc.pid
+        inodes = set()
+        for table in ("udp", "udp6"):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                for line in f.read().splitlines()[1:]:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == WG_PORT:
+                        inodes.add(fields[9])
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = os.pidfd_open(pid)
+        changed = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if not (link.startswith("socket:[") and link[8:-1] in inodes):
+                    continue
+                borrowed = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+                if borrowed < 0:
+                    raise OSError(ctypes.get_errno(), "pidfd_getfd on wireguard-go's socket")
+                s = socket.socket(fileno=borrowed)
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+                    s.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size)
+                finally:
+                    s.close()
+                changed += 1
+        finally:
+            os.close(pidfd)
+        if not changed:
+            raise RuntimeError(f"no UDP socket on port {WG_PORT} in wireguard-go (pid {pid})")
+        return changed
 
     def restart_wireguard(self) -> None:
         """Kill wireguard-go and start a new one with the same keys: every session is lost, the
