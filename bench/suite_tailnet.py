@@ -74,6 +74,7 @@ class Env:
                              ca_file=net.ca_file)
         go.start()
         s.callback(go.stop)
+        self.go = go
         _wait(lambda: (x := net.node("peer-a")) is not None and x.online and x.home_derp, 90,
               "peer-a online")
         self.peer_ip = net.node("peer-a").ipv4
