@@ -32,6 +32,7 @@ run: the daemon's fds, asyncio tasks and RSS.  Writes bench/results/load-<UTC>.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -124,13 +125,15 @@ def _ss_seconds(text: str) -> float:
     return total
 
 
-def load_client(port: int, a, host: str, prefix: str, n: int, ns_name: str | None = None,
-                timeout: float | None = None, mix: str | None = None) -> subprocess.CompletedProcess:
+WARM_N, WARM_SIZE = 4, 1000        # the small transfer that brings handshakes and paths up
+
+
+def load_client(port: int, host: str, prefix: str, n: int, size: int, timeout: float,
+                ns_name: str | None = None, mix: str | None = None) -> subprocess.CompletedProcess:
     """The load generator (its own process; inside `ns_name` for a proxy that lives there)."""
-    timeout = a.timeout if timeout is None else timeout
     cmd = (["ip", "netns", "exec", ns_name] if ns_name else []) + [
         sys.executable, "-m", "tsproxy.testing.loadgen", "--port", str(port), "--host", host,
-        "--n", str(n), "--size", str(a.size if n > 4 else 1000), "--timeout", str(timeout),
+        "--n", str(n), "--size", str(size), "--timeout", str(timeout),
         "--path-prefix", prefix] + (["--mix", mix] if mix else [])
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 120,
                           env={**os.environ, "PYTHONPATH": REPO})
@@ -144,7 +147,7 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
     peer0 = loadgen.udp_snmp(peer_pid) if peer_pid else None
     sampler = Sampler(pid, peer_ns)
     sampler.start()
-    p = load_client(port, a, host, prefix, a.conns)
+    p = load_client(port, host, prefix, a.conns, a.size, a.timeout)
     sampler.stop_ev.set()
     sampler.join()
     if p.returncode != 0:
@@ -164,29 +167,36 @@ def run_round(d: Daemon, port: int, a, host: str, prefix: str, udp_port: int, pe
     return r
 
 
+@dataclasses.dataclass
 class Anchor:
     """Where an anchor's proxy lives: its port inside namespace `ns_name`, its process, the
-    peer process whose namespace's UDP drops count, the loadgen mix it can serve."""
-
-    def __init__(self, name, ns_name, port, pid, peer_pid, host, prefix, mix=None, peer_ns=None):
-        self.name, self.ns_name, self.port, self.pid = name, ns_name, port, pid
-        self.peer_pid, self.host, self.prefix, self.mix, self.peer_ns = peer_pid, host, prefix, mix, peer_ns
+    peer process whose namespace's UDP drops count, the loadgen mix it can serve, and (wg) the
+    WireGuardPeer whose TCP timers are sampled."""
+    name: str
+    ns_name: str
+    port: int
+    pid: int
+    peer_pid: int
+    host: str
+    prefix: str
+    mix: str | None = None
+    peer: object = None
 
 
 def anchor_rounds(an: Anchor, a) -> list[dict]:
     """The same load through the anchor.  Per round: the client's summary, drops on the
     anchor's and on the peer's UDP sockets (their namespaces' /proc/net/snmp), the peer's TCP
     timers (wg) and the anchor's peak RSS."""
-    warm = load_client(an.port, a, an.host, an.prefix, 4, an.ns_name, timeout=60, mix=an.mix)
+    warm = load_client(an.port, an.host, an.prefix, WARM_N, WARM_SIZE, 60, an.ns_name, an.mix)
     if warm.returncode != 0 or json.loads(warm.stdout)["failed"]:
         raise SystemExit(f"{an.name} warm-up failed: {warm.stdout[-2000:]} {warm.stderr[-2000:]}")
     time.sleep(1)
     out = []
     for i in range(a.anchor_rounds):
         own0, peer0 = loadgen.udp_snmp(an.pid), loadgen.udp_snmp(an.peer_pid)
-        sampler = Sampler(an.pid, an.peer_ns)
+        sampler = Sampler(an.pid, an.peer)
         sampler.start()
-        p = load_client(an.port, a, an.host, an.prefix, a.conns, an.ns_name, mix=an.mix)
+        p = load_client(an.port, an.host, an.prefix, a.conns, a.size, a.timeout, an.ns_name, an.mix)
         sampler.stop_ev.set()
         sampler.join()
         if p.returncode != 0:
@@ -194,7 +204,7 @@ def anchor_rounds(an: Anchor, a) -> list[dict]:
         r = json.loads(p.stdout)
         r["own_udp_errors"] = loadgen.snmp_delta(own0, loadgen.udp_snmp(an.pid))
         r["peer_ns_udp_errors"] = loadgen.snmp_delta(peer0, loadgen.udp_snmp(an.peer_pid))
-        r["peer_tcp_timers"] = sampler.peer_timers if an.peer_ns is not None else None
+        r["peer_tcp_timers"] = sampler.peer_timers if an.peer is not None else None
         r["peak_rss_MB"] = sampler.peak_rss / 1e6
         print(f"  [{an.name}] round {i + 1}: {r['ok']}/{r['transfers']} ok, "
               f"{r['rate_MBps']:.1f} MB/s, {r['seconds']:.1f} s, max gap {r['max_gap_s']:.2f} s, "
@@ -213,7 +223,7 @@ def singbox_anchor(peer, a) -> list[dict]:
     ref = SingBoxClient(peer).start()
     try:
         return anchor_rounds(Anchor("sing-box", ref.ns.name, MIXED_PORT, ref.proc.pid,
-                                    peer.wg_proc.pid, PEER_IP4, "", peer_ns=peer), a)
+                                    peer.wg_proc.pid, PEER_IP4, "", peer=peer), a)
     finally:
         ref.stop()
 
@@ -270,7 +280,7 @@ def run_mode(mode: str, a, work: str) -> dict:
         st = d.status()
         udp_port = st.get("wireguard_port") or (st.get("magicsock") or {}).get("port") or 0
         # one small transfer so handshakes/paths are up before the baseline
-        warm = load_client(port, a, host, prefix, 4, timeout=60)
+        warm = load_client(port, host, prefix, WARM_N, WARM_SIZE, 60)
         if warm.returncode != 0 or json.loads(warm.stdout)["failed"]:
             raise SystemExit(f"warm-up failed: {warm.stdout[-2000:]} {warm.stderr[-2000:]}")
         time.sleep(1)
