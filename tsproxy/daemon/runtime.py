@@ -434,7 +434,8 @@ class Daemon:
                   "recovery_point", "rtx_high", "high_sack", "sacked_bytes", "dupacks", "rto", "rto_at",
                   "persist_at", "retries", "rcv_nxt", "ooo_bytes")
         now = asyncio.get_running_loop().time()
-        for conn in list(self.netstack.stack.conns.values())[:100] if self.netstack else []:
+        conns = self.netstack.stack.live_connections() if self.netstack else []
+        for conn in conns[:100]:
             d = {k: getattr(conn, k) for k in fields}
             d["sndbuf"] = len(conn.sndbuf)
             d["rcvbuf"] = len(conn.rcv_buf)

@@ -8,9 +8,12 @@
     packets_to_send()          IP packets out
     next_deadline() / handle_timer(now)
                                one deadline for the whole stack: a heap of per-connection
-                               deadlines, refreshed only for connections touched since, and
-                               "now" while senders are parked by the send quota (tcp_budget.py:
-                               new-data segments per flush of packets_to_send are bounded)
+                               deadlines, refreshed only for connections touched since, the
+                               oldest TIME-WAIT record's expiry (tcp_timewait.py: a connection
+                               entering TIME-WAIT is swapped for a small record, kept in
+                               arrival order), and "now" while senders are parked by the send
+                               quota (tcp_budget.py: new-data segments per flush of
+                               packets_to_send are bounded)
     take_touched()             connections with events for the stream layer
 
 Every malformed, unexpected or unroutable packet is dropped and counted, never raised.
@@ -29,6 +32,7 @@ from tsproxy.errors import NetworkUnreachable
 from tsproxy.netstack import tcp as T
 from tsproxy.netstack.tcp_budget import (DEFAULT_BURST, DEFAULT_TOTAL as DEFAULT_RCV_BUDGET,
                                          ReceiveBudget, SendQuota)
+from tsproxy.netstack.tcp_timewait import END as TIME_WAIT_END, REUSE_AFTER, TimeWait
 from tsproxy.netstack.wire import icmp, ip, udp
 from tsproxy.netstack.wire.checksum import checksum
 from tsproxy.netstack.wire import tcp as W
@@ -36,7 +40,8 @@ from tsproxy.netstack.wire import tcp as W
 EPHEMERAL_LO, EPHEMERAL_HI = 49152, 65535
 DEFAULT_BACKLOG = 256
 UDP_QUEUE_MAX = 1024
-MAX_CONNECTIONS = 65536
+MAX_CONNECTIONS = 65536                    # live connections (TIME-WAIT records not counted)
+MAX_TIME_WAIT = 65536                      # records beyond this end early, oldest first
 _PORT = struct.Struct("!H")
 RTT_CACHE_HOSTS = 1024                     # hosts whose last RTT seeds a new connection's SYN timer
 
@@ -93,7 +98,10 @@ class Stack:
         # possible (after TIME_WAIT) and a connection costs no random draw
         self._next_port = int.from_bytes(rng(2), "big")
         self.out: list = []
-        self.conns: dict = {}                       # (raddr, rport, laddr, lport) -> conn
+        self.conns: dict = {}                       # (raddr, rport, laddr, lport) -> conn or TimeWait
+        self.time_wait: collections.deque = collections.deque()   # TimeWait records, oldest first
+        self.time_wait_held = 0                     # records still holding a 4-tuple (some in
+                                                    # the deque have ended early)
         self.listeners: dict[int, int] = {}         # port -> backlog
         self.pending: collections.Counter = collections.Counter()   # port -> half-open count
         self.udp: dict[int, UdpSocket] = {}
@@ -137,10 +145,12 @@ class Stack:
     def _mss(self, version: int) -> int:
         return self.mtu - (40 if version == 4 else 60)
 
-    def _new_conn(self, key, now: float, **kw) -> T.TcpConnection:
+    def _new_conn(self, key, now: float, iss: int | None = None, **kw) -> T.TcpConnection:
         raddr, rport, laddr, lport = key
         pk = W.Packetizer(laddr, raddr, lport, rport)
-        conn = T.TcpConnection(self.out, pk, now=now, iss=self._isn(key, now),
+        if iss is None:
+            iss = self._isn(key, now)
+        conn = T.TcpConnection(self.out, pk, now=now, iss=iss,
                                mss=self._mss(4 if len(laddr) == 4 else 6), notify=self._on_event,
                                counters=self.counters, rcv_cap=self.rcv_buf, snd_cap=self.snd_buf,
                                msl=self.msl, **kw)
@@ -163,10 +173,16 @@ class Stack:
         if not 0 < dst_port < 65536:
             raise ValueError("port out of range")
         laddr = self.source_for(dst.version)
-        if len(self.conns) >= MAX_CONNECTIONS:
+        if len(self.conns) - self.time_wait_held >= MAX_CONNECTIONS:
             raise NetworkUnreachable("too many connections")
-        lport = self._ephemeral(laddr, dst.packed, dst_port)
-        conn = self._new_conn((dst.packed, dst_port, laddr, lport), now, **kw)
+        lport, old = self._ephemeral(laddr, dst.packed, dst_port, now)
+        key = (dst.packed, dst_port, laddr, lport)
+        iss = None
+        if old is not None:                      # the 4-tuple's TIME-WAIT record, taken over
+            iss = old.reuse_iss(self._isn(key, now))
+            self._end_time_wait(old)
+            self.counters["tcp_time_wait_reused"] += 1
+        conn = self._new_conn(key, now, iss, **kw)
         if timeout is not None:
             conn.connect_by = now + timeout
         rtt = self.rtt_cache.get(dst.packed)
@@ -178,15 +194,22 @@ class Stack:
         self._dirty.add(conn)
         return conn
 
-    def _ephemeral(self, laddr: bytes, raddr: bytes, rport: int) -> int:
+    def _ephemeral(self, laddr: bytes, raddr: bytes, rport: int, now: float):
+        """(port, None) for a free 4-tuple, or (port, record) for one whose TIME-WAIT record
+        may be taken over (tcp_timewait.py).  Ports go round, so the next candidate is the one
+        used longest ago: past ~16k connections to one server within 2*MSL it is a record old
+        enough to reuse, found at once instead of after a scan of all the others."""
         span = EPHEMERAL_HI - EPHEMERAL_LO + 1
         start = self._next_port
+        conns = self.conns
         for i in range(span):
             port = EPHEMERAL_LO + (start + i) % span
-            if (raddr, rport, laddr, port) not in self.conns and port not in self.udp \
-                    and port not in self.listeners:
+            if port in self.udp or port in self.listeners:
+                continue
+            held = conns.get((raddr, rport, laddr, port))
+            if held is None or (held.__class__ is TimeWait and now - held.since >= REUSE_AFTER):
                 self._next_port = (start + i + 1) % span
-                return port
+                return port, held
         raise NetworkUnreachable("no free local port")
 
     def tcp_listen(self, port: int, backlog: int = DEFAULT_BACKLOG) -> None:
@@ -225,20 +248,64 @@ class Stack:
         self._dirty.add(conn)
         if conn.state == T.CLOSED:
             self._remove(conn)
+        elif conn.state == T.TIME_WAIT:
+            self._to_time_wait(conn)
 
     def _remove(self, conn) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
-            if conn.srtt is not None:            # remembered for the next SYN to this host
-                cache = self.rtt_cache
-                cache.pop(conn.key[0], None)
-                if len(cache) >= RTT_CACHE_HOSTS:
-                    del cache[next(iter(cache))]     # the least recently updated host
-                cache[conn.key[0]] = (conn.srtt, conn.rttvar)
+            self._remember_rtt(conn)
             self.ports_in_use[(conn.key[2], conn.key[3])] -= 1
             if getattr(conn, "half_open", False):
                 self.pending[conn.key[3]] -= 1
                 conn.half_open = False
+
+    def live_connections(self) -> list:
+        """The connections (TIME-WAIT records left out: they are only a 4-tuple on hold)."""
+        return [c for c in self.conns.values() if c.__class__ is not TimeWait]
+
+    def _remember_rtt(self, conn) -> None:
+        if conn.srtt is not None:                # remembered for the next SYN to this host
+            cache = self.rtt_cache
+            cache.pop(conn.key[0], None)
+            if len(cache) >= RTT_CACHE_HOSTS:
+                del cache[next(iter(cache))]     # the least recently updated host
+            cache[conn.key[0]] = (conn.srtt, conn.rttvar)
+
+    def _to_time_wait(self, conn) -> None:
+        """Swap a connection that entered TIME-WAIT for its record; the connection object
+        is done with (the stream layer had EV_CLOSED) and keeps no deadline."""
+        if self.conns.get(conn.key) is not conn:
+            return
+        tw_at = conn.time_wait_at
+        rec = TimeWait.of(conn, tw_at - 2 * conn.msl if tw_at is not None else 0.0)
+        conn.time_wait_at = conn.delack_at = conn.wnd_nudge_at = None
+        conn._sched = None                        # its heap entry is stale now
+        self.conns[conn.key] = rec
+        self._remember_rtt(conn)
+        tw = self.time_wait
+        tw.append(rec)
+        self.time_wait_held += 1
+        while self.time_wait_held > MAX_TIME_WAIT:      # the oldest live record ends early
+            old = tw.popleft()
+            if not old.done:
+                self.counters["tcp_time_wait_overflow"] += 1
+                self._end_time_wait(old)
+
+    def _end_time_wait(self, rec: TimeWait) -> None:
+        """The record ends (expired, RST, taken over, overflow); the FIFO drops it lazily."""
+        if rec.done:
+            return
+        rec.done = True
+        self.time_wait_held -= 1
+        if self.conns.get(rec.key) is rec:
+            del self.conns[rec.key]
+            self.ports_in_use[(rec.key[2], rec.key[3])] -= 1
+
+    def _expire_time_wait(self, now: float) -> None:
+        tw = self.time_wait
+        while tw and (tw[0].done or tw[0].expires <= now):
+            self._end_time_wait(tw.popleft())
 
     def next_deadline(self) -> float | None:
         heap = self._heap
@@ -253,10 +320,15 @@ class Stack:
         self._dirty.clear()
         while heap and heap[0][2]._sched != heap[0][0]:
             heapq.heappop(heap)                      # stale entry
-        if len(heap) > 4 * len(self.conns) + 64:
+        if len(heap) > 4 * (len(self.conns) - self.time_wait_held) + 64:
             self._heap = heap = [e for e in heap if e[2]._sched == e[0]]
             heapq.heapify(heap)
         d = heap[0][0] if heap else None
+        tw = self.time_wait
+        while tw and tw[0].done:
+            tw.popleft()
+        if tw and (d is None or tw[0].expires < d):
+            d = tw[0].expires
         gate = self.tx_gate
         if gate is not None and gate.since is not None and (d is None or gate.since < d):
             d = gate.since                           # parked senders: due now
@@ -269,6 +341,7 @@ class Stack:
                 if conn.state != T.CLOSED:
                     conn._output(now)
                     self._after(conn)
+        self._expire_time_wait(now)
         self.next_deadline()
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -283,6 +356,8 @@ class Stack:
         self._dirty.add(conn)
         if conn.state == T.CLOSED:
             self._remove(conn)
+        elif conn.state == T.TIME_WAIT:
+            self._to_time_wait(conn)
         elif getattr(conn, "half_open", False) and conn.state != T.SYN_RECEIVED:
             conn.half_open = False
             self.pending[conn.key[3]] -= 1
@@ -356,6 +431,9 @@ class Stack:
         key = (src, sport, dst, dport)
         conn = self.conns.get(key)
         if conn is not None:
+            if conn.__class__ is TimeWait:
+                self._rx_time_wait(conn, seq, flags, end - start - hl)
+                return
             conn.receive_segment(seq, ack, flags, window, options, payload, now)
             self._after(conn)
             return
@@ -380,6 +458,16 @@ class Stack:
         else:
             seg_len = end - start - hl + (1 if flags & W.SYN else 0) + (1 if flags & W.FIN else 0)
             self.out.append(pk.build(0, seq + seg_len, W.RST | W.ACK, 0))
+
+    def _rx_time_wait(self, rec: TimeWait, seq: int, flags: int, plen: int) -> None:
+        answer = rec.segment(seq, flags, plen)
+        if answer is None:
+            return
+        if answer is TIME_WAIT_END:
+            self._end_time_wait(rec)
+            return
+        self.counters["tcp_time_wait_acks"] += 1
+        self.out.append(answer)
 
     def _rx_udp(self, pkt, v, src, dst, start, end) -> None:
         if end - start < 8:
@@ -451,7 +539,7 @@ class Stack:
         dport = int.from_bytes(quoted[off + 2:off + 4], "big")
         if proto == 6:
             conn = self.conns.get((qdst, dport, qsrc, sport))
-            if conn is not None:
+            if conn is not None and conn.__class__ is not TimeWait:
                 conn.icmp_error(kind, 0.0)
                 self.counters["icmp_error_delivered"] += 1
                 self._after(conn)
