@@ -148,7 +148,7 @@ def test_past_the_port_range_an_old_enough_record_is_taken_over(monkeypatch):
 
 
 def test_reuse_iss_keeps_an_iss_that_is_far_enough_ahead():
-    rec = TimeWait(None, None, snd_nxt=1000, rcv_nxt=0, wnd=0, win_field=0, since=0.0, expires=1.0)
+    rec = TimeWait(None, snd_nxt=1000, rcv_nxt=0, wnd=0, win_field=0, since=0.0, expires=1.0)
     assert rec.reuse_iss(1000 + ISS_GAP + 5) == 1000 + ISS_GAP + 5
     assert rec.reuse_iss(999) == 1000 + ISS_GAP
     rec.snd_nxt = T.M32 - 10                                  # across the wrap

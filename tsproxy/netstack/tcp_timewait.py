@@ -3,8 +3,8 @@
 A connection in TIME-WAIT has nothing more to deliver; for 2*MSL it only answers the peer's
 retransmitted FIN (its last ACK may have been lost) and keeps the 4-tuple from a new
 incarnation.  The stack (stack.py) swaps such a connection for a `TimeWait`: a few numbers
-instead of the whole connection (about 3 KB less each, which is what a burst of short
-connections leaves behind by the ten thousand), kept in arrival order because they all last the
+instead of the whole connection (about 300 bytes against 3 KB, and a burst of short
+connections leaves them behind by the ten thousand), kept in arrival order because they all last the
 same 2*MSL, so expiry needs no heap.
 
 The answers are those the connection itself gives in TIME-WAIT (tcp.py, RFC 9293 3.10.7.4 with
@@ -19,6 +19,7 @@ incarnation sent, so many short connections to one server never run out of local
 from __future__ import annotations
 
 from tsproxy.netstack.tcp_seq import ACK, FIN, M32, RST, SYN, unwrap
+from tsproxy.netstack.wire.tcp import Packetizer
 
 REUSE_AFTER = 1.0              # seconds in TIME-WAIT before the 4-tuple may be taken over
 ISS_GAP = 1 << 16              # a reusing connection's ISS is at least this far past SND.NXT
@@ -26,13 +27,11 @@ END = "end"                    # segment(): the record ends (a RST at RCV.NXT)
 
 
 class TimeWait:
-    __slots__ = ("key", "pk", "snd_nxt", "rcv_nxt", "wnd", "win_field", "since", "expires",
-                 "done")
+    __slots__ = ("key", "snd_nxt", "rcv_nxt", "wnd", "win_field", "since", "expires", "done")
 
-    def __init__(self, key, pk, *, snd_nxt: int, rcv_nxt: int, wnd: int, win_field: int,
+    def __init__(self, key, *, snd_nxt: int, rcv_nxt: int, wnd: int, win_field: int,
                  since: float, expires: float):
-        self.key = key
-        self.pk = pk                    # the connection's packetizer (addresses and ports)
+        self.key = key                  # (raddr, rport, laddr, lport), as the stack's demux
         self.snd_nxt = snd_nxt          # unwrapped, as in tcp.py
         self.rcv_nxt = rcv_nxt
         self.wnd = wnd                  # receive window in bytes (acceptability)
@@ -47,7 +46,7 @@ class TimeWait:
         if wnd < 0:
             wnd = 0
         field = wnd >> conn.rcv_wscale
-        return cls(conn.key, conn.pk, snd_nxt=conn.snd_nxt, rcv_nxt=conn.rcv_nxt, wnd=wnd,
+        return cls(conn.key, snd_nxt=conn.snd_nxt, rcv_nxt=conn.rcv_nxt, wnd=wnd,
                    win_field=field if field < 65535 else 65535, since=now,
                    expires=conn.time_wait_at if conn.time_wait_at is not None else now)
 
@@ -70,7 +69,10 @@ class TimeWait:
         return None                      # a pure ACK at RCV.NXT: nothing to say
 
     def ack(self) -> bytearray:
-        return self.pk.build(self.snd_nxt, self.rcv_nxt, ACK, self.win_field)
+        # a packetizer is made when one is needed (rarely): kept, it would double the record
+        raddr, rport, laddr, lport = self.key
+        return Packetizer(laddr, raddr, lport, rport).build(self.snd_nxt, self.rcv_nxt, ACK,
+                                                            self.win_field)
 
     def reuse_iss(self, iss: int) -> int:
         """The ISS for a new incarnation of this 4-tuple: `iss` when it is ahead of SND.NXT by
