@@ -281,16 +281,17 @@ asyncio.run(main())
 
 
 def conn_rate(port: int, n: int, c: int, dst: str, dport: int = 7, ns: str | None = None,
-              mode: str = "echo", timeout: float = 300) -> dict:
-    """{"rate": conn/s, "p50": ms, "p99": ms} for n SOCKS5 connections through 127.0.0.1:port;
-    RuntimeError when any of them failed (a run with failures is a failed run)."""
+              mode: str = "echo", timeout: float = 300, check: bool = True) -> dict:
+    """{"rate": conn/s, "p50": ms, "p99": ms, "failed": count, "error": [first]} for n SOCKS5
+    connections through 127.0.0.1:port; with `check`, RuntimeError when any of them failed (a
+    run with failures is a failed run)."""
     cmd = (["ip", "netns", "exec", ns] if ns else []) + [
         sys.executable, "-c", CONN_CLIENT, str(port), str(n), str(c), dst, str(dport), mode]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(p.stderr.strip()[-300:])
     res = json.loads(p.stdout)
-    if res["failed"]:                     # the run fails as a whole, with the count and why
+    if check and res["failed"]:           # the run fails as a whole, with the count and why
         raise RuntimeError(f"{res['failed']} of {n} connections failed, first: {res['error'][0]}")
     return res
 
