@@ -26,6 +26,7 @@ destinations outside the tailnet are refused with the reason, never dialed from 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -41,6 +42,16 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 EXIT_V4, EXIT_V6 = ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")
 
 UNREACHABLE, NOT_ALLOWED = "unreachable", "not_allowed"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(host: str):
+    """The address `host` spells (IPv6 maybe in brackets), or None for a name; cached: the
+    same few hosts are dialed again and again."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -255,9 +266,8 @@ class RouteTable:
         return self.exit_node is not None
 
     def decide(self, host: str) -> Decision:
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
+        ip = _parse_ip(host)
+        if ip is None:
             return self._decide_name(host.lower().rstrip("."))
         return self.decide_ip(ip)
 

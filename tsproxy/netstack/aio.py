@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 
 from tsproxy.aio import DeadlineTimer
 from tsproxy.errors import (ConnectionRefused, DialError, DialTimeout, HostUnreachable,
@@ -281,7 +282,9 @@ class TcpStream:
     def _address(self, i: int) -> tuple[str, int]:
         """(ip text, port) of the key's remote (0) or local (2) end, made when asked."""
         key = self.conn.key
-        return str(ipaddress.ip_address(key[i])), key[i + 1]
+        raw = key[i]
+        text = socket.inet_ntoa(raw) if len(raw) == 4 else str(ipaddress.IPv6Address(raw))
+        return text, key[i + 1]
 
 
 class UdpEndpoint:

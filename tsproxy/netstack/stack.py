@@ -22,6 +22,7 @@ Every malformed, unexpected or unroutable packet is dropped and counted, never r
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import heapq
 import ipaddress
@@ -43,6 +44,8 @@ UDP_QUEUE_MAX = 1024
 MAX_CONNECTIONS = 65536                    # live connections (TIME-WAIT records not counted)
 MAX_TIME_WAIT = 65536                      # records beyond this end early, oldest first
 _PORT = struct.Struct("!H")
+_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+_parse_ip = functools.lru_cache(maxsize=1024)(ipaddress.ip_address)   # the same few peers
 RTT_CACHE_HOSTS = 1024                     # hosts whose last RTT seeds a new connection's SYN timer
 
 
@@ -169,7 +172,7 @@ class Stack:
                     **kw) -> T.TcpConnection:
         """Active open; with `timeout`, a connection not established by then ends with
         error "dial_timeout" (on the stack's one timer, no timer of its own)."""
-        dst = ipaddress.ip_address(dst_ip)
+        dst = dst_ip if dst_ip.__class__ in _IP_TYPES else _parse_ip(dst_ip)
         if not 0 < dst_port < 65536:
             raise ValueError("port out of range")
         laddr = self.source_for(dst.version)

@@ -13,6 +13,7 @@ and the number of bytes consumed when complete, or raise RemoteProtocolError.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 
@@ -75,7 +76,7 @@ def _parse_addr(buf: bytes, off: int):
         end = off + 1 + 4 + 2
         if len(buf) < end:
             return None
-        host = str(ipaddress.IPv4Address(bytes(buf[off + 1:off + 5])))
+        host = "%d.%d.%d.%d" % tuple(buf[off + 1:off + 5])
     elif atyp == ATYP_V6:
         end = off + 1 + 16 + 2
         if len(buf) < end:
@@ -119,14 +120,19 @@ def parse_request(buf: bytes):
     return (cmd, host, port), end
 
 
-def encode_addr(host: str, port: int) -> bytes:
+@functools.lru_cache(maxsize=256)
+def _encode_host(host: str) -> bytes:
+    # replies carry our own tunnel address nearly always: parsed once
     try:
         ip = ipaddress.ip_address(host)
-        head = bytes((ATYP_V4,)) if ip.version == 4 else bytes((ATYP_V6,))
-        return head + ip.packed + _PORT.pack(port)
+        return (bytes((ATYP_V4,)) if ip.version == 4 else bytes((ATYP_V6,))) + ip.packed
     except ValueError:
         raw = host.encode("idna")[:255]
-        return bytes((ATYP_NAME, len(raw))) + raw + _PORT.pack(port)
+        return bytes((ATYP_NAME, len(raw))) + raw
+
+
+def encode_addr(host: str, port: int) -> bytes:
+    return _encode_host(host) + _PORT.pack(port)
 
 
 def reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
