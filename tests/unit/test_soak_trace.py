@@ -35,6 +35,8 @@ def test_trace_records_handshake_confirmation_and_rto(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     with open(path) as f:
         events = [json.loads(line) for line in f]
+    # a collection over 10 ms is traced too: on a busy machine one may come first
+    events = [e for e in events if e["ev"] != "gc"]
     kinds = [e["ev"] for e in events]
     assert kinds[:3] == ["hs_init", "hs_done", "hs_done"]           # a initiates; b, then a, finish
     assert events[0]["staged"] == 1 and events[0]["attempt"] == 1
